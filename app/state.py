@@ -1,0 +1,56 @@
+"""What every page shares: the database handle, cached model loads, and URL parameters.
+
+Page state lives in the URL (``st.query_params``) so a copied link reopens the same view.
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from precompute.store.db import DEFAULT_DB, StoreError, open_store
+
+DB_URL = os.environ.get("TINYSCOPE_DB", DEFAULT_DB)
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(url: str = DB_URL):
+    return open_store(url, create=False)
+
+
+def store_or_stop():
+    """The store, or a message saying how to build it (and the page stops)."""
+    try:
+        return get_store(DB_URL)
+    except StoreError as e:
+        st.error(str(e))
+        st.code("precompute run --jobs neurons,heads,rules", language="bash")
+        st.stop()
+
+
+@st.cache_resource(show_spinner="Loading model…")
+def get_model(source: str):
+    from precompute.models import load_model
+
+    return load_model(source)
+
+
+def param_int(name: str, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int | None:
+    """An integer URL parameter; out of range or malformed -> a clear message and the page stops."""
+    raw = st.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        bad_param(f"URL parameter {name}={raw!r} is not a whole number")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bad_param(f"URL parameter {name}={v} is out of range ({lo}-{hi})")
+    return v
+
+
+def bad_param(message: str):
+    st.error(message)
+    st.page_link("pages/overview.py", label="Go to the model overview", icon="🏠")
+    st.stop()

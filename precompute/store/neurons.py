@@ -1,0 +1,291 @@
+"""Neuron tables, their writer and the queries behind the neuron pages and `show neuron`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, UniqueConstraint, insert, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from .base import SAMPLE_DTYPE, Base, from_blob, to_blob
+from .queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
+
+
+class NeuronStatsRow(Base):
+    __tablename__ = "neuron_stats"
+    __table_args__ = (UniqueConstraint("run_id", "layer", "neuron"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer, index=True)
+    neuron: Mapped[int] = mapped_column(Integer)
+    mean: Mapped[float] = mapped_column(Float)
+    std: Mapped[float] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+    min: Mapped[float] = mapped_column(Float)
+    frac_pos: Mapped[float] = mapped_column(Float)
+    hist: Mapped[bytes] = mapped_column(LargeBinary)  # int64 counts on equal bins from min to max
+    spectrum: Mapped[bytes] = mapped_column(LargeBinary)  # SAMPLE_DTYPE records
+    top_tokens: Mapped[list] = mapped_column(JSON)  # [[token_id, mean_act, count], ...]
+    logit_top: Mapped[list] = mapped_column(JSON)  # [[token_id, effect], ...]
+    logit_bottom: Mapped[list] = mapped_column(JSON)
+
+
+class NeuronExampleRow(Base):
+    __tablename__ = "neuron_examples"
+    __table_args__ = (Index("ix_neuron_examples_lookup", "run_id", "layer", "neuron"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    seq_idx: Mapped[int] = mapped_column(Integer)
+    pos: Mapped[int] = mapped_column(Integer)
+    act: Mapped[float] = mapped_column(Float)
+    win_start: Mapped[int] = mapped_column(Integer)
+    acts: Mapped[bytes] = mapped_column(LargeBinary)  # float32, one per window token
+
+
+def _r(x: float, nd: int = 5) -> float:
+    return float(round(float(x), nd))
+
+
+def write_neurons(s: Session, run_id: int, result) -> None:
+    """All rows of a neuron-job result, in the caller's transaction."""
+    stats, examples = [], []
+    for L in result.layers:
+        for n in range(len(L.mean)):
+            tt = [
+                [int(t), _r(m), int(c)]
+                for t, m, c in zip(L.top_tokens[n], L.top_token_means[n], L.top_token_counts[n])
+                if t >= 0
+            ]
+            stats.append(
+                dict(
+                    run_id=run_id, layer=L.layer, neuron=n, mean=float(L.mean[n]), std=float(L.std[n]),
+                    max=float(L.max[n]), min=float(L.min[n]), frac_pos=float(L.frac_pos[n]),
+                    hist=to_blob(L.hist[n].astype(np.int64)), spectrum=to_blob(L.spectrum[n]), top_tokens=tt,
+                    logit_top=[[int(t), _r(v)] for t, v in zip(L.logit_top[n], L.logit_top_values[n])],
+                    logit_bottom=[[int(t), _r(v)] for t, v in zip(L.logit_bottom[n], L.logit_bottom_values[n])],
+                )
+            )
+            for rank, e in enumerate(L.examples[n]):
+                examples.append(
+                    dict(
+                        run_id=run_id, layer=L.layer, neuron=n, rank=rank, seq_idx=e.seq, pos=e.pos, act=e.act,
+                        win_start=e.win_start, acts=to_blob(e.acts.astype(np.float32)),
+                    )
+                )
+    for i in range(0, len(stats), 5000):
+        s.execute(insert(NeuronStatsRow), stats[i : i + 5000])
+    for i in range(0, len(examples), 5000):
+        s.execute(insert(NeuronExampleRow), examples[i : i + 5000])
+
+
+# ---------------------------------------------------------------------------------------------
+# queries
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    special: bool
+
+
+@dataclass(frozen=True)
+class ExampleView:
+    rank: int
+    seq_idx: int
+    story_id: int
+    pos: int  # position in the sequence the model saw (BOS is position 0 when prepended)
+    act: float
+    win_start: int
+    tokens: tuple[Token, ...]
+    acts: tuple[float, ...]
+
+    @property
+    def max_index(self) -> int:
+        """Index into ``tokens`` of the example's own (max) token."""
+        return self.pos - self.win_start
+
+
+@dataclass(frozen=True)
+class NeuronStats:
+    layer: int
+    neuron: int
+    mean: float
+    std: float
+    max: float
+    min: float
+    frac_pos: float
+
+
+@dataclass(frozen=True)
+class Histogram:
+    edges: tuple[float, ...]  # n_bins + 1
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpectrumSample:
+    seq_idx: int
+    pos: int
+    act: float
+    bin: int
+    token: Token
+    context: str  # up to ~12 tokens before and 3 after, the token itself in [[ ]]
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    token: Token
+    value: float
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class NeuronPage:
+    run: RunInfo
+    stats: NeuronStats
+    d_mlp: int
+    n_layers: int
+    examples: tuple[ExampleView, ...]
+    histogram: Histogram
+    spectrum: tuple[SpectrumSample, ...]
+    top_tokens: tuple[TokenScore, ...]
+    logit_top: tuple[TokenScore, ...]
+    logit_bottom: tuple[TokenScore, ...]
+
+
+@dataclass(frozen=True)
+class NeuronSummary:
+    layer: int
+    neuron: int
+    max: float
+    mean: float
+    std: float
+    frac_pos: float
+    top_tokens: tuple[str, ...]
+
+
+def _token(tid: int, voc: list[str], special: set[int]) -> Token:
+    tid = int(tid)
+    text = voc[tid] if 0 <= tid < len(voc) else f"<{tid}>"
+    return Token(tid, text, tid in special)
+
+
+def _stats_row(s: Session, run: RunInfo, layer: int, neuron: int, model) -> NeuronStatsRow:
+    if not 0 <= layer < model.n_layers:
+        raise NotFound(f"layer {layer} out of range: {model.name} has layers 0-{model.n_layers - 1}")
+    if not 0 <= neuron < model.d_mlp:
+        raise NotFound(f"neuron {neuron} out of range: layer {layer} has neurons 0-{model.d_mlp - 1}")
+    row = s.scalar(
+        select(NeuronStatsRow).where(
+            NeuronStatsRow.run_id == run.id, NeuronStatsRow.layer == layer, NeuronStatsRow.neuron == neuron
+        )
+    )
+    if row is None:
+        raise NotFound(f"run {run.id} has no data for layer {layer} (it covered layers {run.params.get('layers')})")
+    return row
+
+
+def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | None = None) -> NeuronPage:
+    """Everything the neuron page shows, from the newest complete neuron run of ``model``."""
+    info = get_model(s, model)
+    run = latest_run(s, model, "neurons", run_id)
+    row = _stats_row(s, run, int(layer), int(neuron), info)
+    voc = vocab(s, model)
+    special = set(info.special_ids)
+    ex_rows = s.scalars(
+        select(NeuronExampleRow)
+        .where(NeuronExampleRow.run_id == run.id, NeuronExampleRow.layer == layer, NeuronExampleRow.neuron == neuron)
+        .order_by(NeuronExampleRow.rank)
+    ).all()
+    samples = from_blob(row.spectrum, SAMPLE_DTYPE)
+    need = {e.seq_idx for e in ex_rows} | {int(x) for x in samples["seq"]}
+    toks = sequence_tokens(s, run.id, need)
+    from .tables import SequenceRow
+
+    story = dict(
+        s.execute(
+            select(SequenceRow.seq_idx, SequenceRow.story_id).where(
+                SequenceRow.run_id == run.id, SequenceRow.seq_idx.in_([e.seq_idx for e in ex_rows] or [-1])
+            )
+        ).all()
+    )
+    examples = []
+    for e in ex_rows:
+        acts = from_blob(e.acts, np.float32)
+        ids = toks[e.seq_idx][e.win_start : e.win_start + len(acts)]
+        examples.append(
+            ExampleView(
+                rank=e.rank, seq_idx=e.seq_idx, story_id=int(story.get(e.seq_idx, -1)), pos=e.pos, act=e.act,
+                win_start=e.win_start, tokens=tuple(_token(t, voc, special) for t in ids),
+                acts=tuple(float(a) for a in acts),
+            )
+        )
+    counts = from_blob(row.hist, np.int64)
+    edges = np.linspace(row.min, row.max, len(counts) + 1) if row.max > row.min else np.linspace(row.min, row.min + 1, len(counts) + 1)
+    width = (edges[-1] - edges[0]) or 1.0
+    spectrum = []
+    for rec in samples:
+        ids = toks[int(rec["seq"])]
+        p = int(rec["pos"])
+        before = "".join(voc[t] for t in ids[max(0, p - 12) : p])
+        after = "".join(voc[t] for t in ids[p + 1 : p + 4])
+        b = int(min(len(counts) - 1, max(0, np.floor((rec["act"] - edges[0]) / width * len(counts)))))
+        spectrum.append(
+            SpectrumSample(
+                seq_idx=int(rec["seq"]), pos=p, act=float(rec["act"]), bin=b, token=_token(ids[p], voc, special),
+                context=f"{before}[[{voc[ids[p]]}]]{after}",
+            )
+        )
+    return NeuronPage(
+        run=run,
+        stats=NeuronStats(layer, neuron, row.mean, row.std, row.max, row.min, row.frac_pos),
+        d_mlp=info.d_mlp,
+        n_layers=info.n_layers,
+        examples=tuple(examples),
+        histogram=Histogram(tuple(float(x) for x in edges), tuple(int(c) for c in counts)),
+        spectrum=tuple(spectrum),
+        top_tokens=tuple(TokenScore(_token(t, voc, special), m, c) for t, m, c in row.top_tokens),
+        logit_top=tuple(TokenScore(_token(t, voc, special), v) for t, v in row.logit_top),
+        logit_bottom=tuple(TokenScore(_token(t, voc, special), v) for t, v in row.logit_bottom),
+    )
+
+
+def layer_neurons(s: Session, model: str, layer: int | None = None, run_id: int | None = None) -> list[NeuronSummary]:
+    """One summary row per neuron (all layers, or one), for the overview table and chart."""
+    info = get_model(s, model)
+    run = latest_run(s, model, "neurons", run_id)
+    if layer is not None and not 0 <= layer < info.n_layers:
+        raise NotFound(f"layer {layer} out of range: {model} has layers 0-{info.n_layers - 1}")
+    voc = vocab(s, model)
+    q = select(
+        NeuronStatsRow.layer, NeuronStatsRow.neuron, NeuronStatsRow.max, NeuronStatsRow.mean, NeuronStatsRow.std,
+        NeuronStatsRow.frac_pos, NeuronStatsRow.top_tokens,
+    ).where(NeuronStatsRow.run_id == run.id)
+    if layer is not None:
+        q = q.where(NeuronStatsRow.layer == layer)
+    q = q.order_by(NeuronStatsRow.layer, NeuronStatsRow.neuron)
+    return [
+        NeuronSummary(l, n, mx, mn, sd, fp, tuple(voc[t[0]] for t in (tt or [])[:5]))
+        for l, n, mx, mn, sd, fp, tt in s.execute(q)
+    ]
+
+
+def neurons_for_token(s: Session, model: str, token_id: int, limit: int = 20, run_id: int | None = None) -> list[tuple[NeuronSummary, float]]:
+    """Neurons whose highest-mean tokens include ``token_id``, by that token's mean activation."""
+    summaries = {(x.layer, x.neuron): x for x in layer_neurons(s, model, None, run_id)}
+    run = latest_run(s, model, "neurons", run_id)
+    hits = []
+    for l, n, tt in s.execute(
+        select(NeuronStatsRow.layer, NeuronStatsRow.neuron, NeuronStatsRow.top_tokens).where(NeuronStatsRow.run_id == run.id)
+    ):
+        for t, m, _c in tt or []:
+            if int(t) == int(token_id):
+                hits.append((summaries[(l, n)], float(m)))
+                break
+    hits.sort(key=lambda h: -h[1])
+    return hits[:limit]
