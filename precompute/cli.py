@@ -61,12 +61,10 @@ def _add_run(sub):
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--sample-stories", type=int, default=200, help="stories to sample when no corpus is given")
     p.add_argument("--seed", type=int, default=0)
-    for spec_hook in _EXTRA_RUN_ARGS:
-        spec_hook(p)
-
-
-# jobs that need their own options register a function here: (parser) -> None
-_EXTRA_RUN_ARGS: list = []
+    for factory in _jobs().values():
+        spec = factory()
+        if spec.add_args is not None:
+            spec.add_args(p)
 
 
 def _add_show(sub):
@@ -79,11 +77,8 @@ def _add_show(sub):
     n.add_argument("--run", type=int, default=None)
     n.add_argument("--db", default=DEFAULT_DB)
     n.add_argument("--json", action="store_true", help="print JSON (the only format)")
-    for hook in _EXTRA_SHOW:
-        hook(what)
-
-
-_EXTRA_SHOW: list = []
+    for name, (add, _handler) in SHOWS.items():
+        add(what.add_parser(name))
 
 
 def _add_runs(sub):
@@ -169,13 +164,12 @@ def cmd_show(args) -> int:
         with store.session() as s:
             print_json(neuron_page(s, args.model, args.layer, args.neuron, args.run))
         return 0
-    for name, fn in _SHOW_HANDLERS.items():
-        if args.what == name:
-            return fn(args, store)
-    raise ValueError(f"nothing to show for {args.what!r}")
+    return SHOWS[args.what][1](args, store)
 
 
-_SHOW_HANDLERS: dict = {}
+# `precompute show NAME`: NAME -> (add_arguments(parser), handler(args, store) -> exit code).
+# Each handler prints JSON of the same query the page uses.
+SHOWS: dict = {}
 
 
 def cmd_runs(args) -> int:
@@ -192,9 +186,6 @@ COMMANDS = {"train": cmd_train, "run": cmd_run, "show": cmd_show, "runs": cmd_ru
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import jobs as _jobs_pkg  # noqa: F401 - jobs may register extra CLI options
-
-    _register_extensions()
     parser = argparse.ArgumentParser(prog="precompute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
@@ -202,10 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     _add_runs(sub)
     return parser
-
-
-def _register_extensions() -> None:
-    """Jobs beyond neurons add their options and show-commands here (one line each)."""
 
 
 def main(argv: list[str] | None = None) -> int:

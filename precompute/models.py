@@ -32,9 +32,7 @@ class Adapter:
     layers: str  # ModuleList of transformer blocks
     mlp_out: str  # in a block: the MLP output projection; its input is the neuron vector
     attn_out: str  # in a block: the attention output projection; its input is the heads' z
-    embed: str  # token embedding
-    final_norm: str  # norm before the unembedding
-    unembed: str  # output projection to the vocabulary
+    final_norm: str  # norm before the unembedding (embeddings come from HF's get_*_embeddings)
     n_heads_attr: str = "num_attention_heads"
 
 
@@ -44,9 +42,7 @@ ADAPTERS: dict[str, Adapter] = {
         layers="transformer.h",
         mlp_out="mlp.c_proj",
         attn_out="attn.c_proj",
-        embed="transformer.wte",
         final_norm="transformer.ln_f",
-        unembed="lm_head",
         n_heads_attr="n_head",
     ),
     "GPTNeoForCausalLM": Adapter(
@@ -54,27 +50,21 @@ ADAPTERS: dict[str, Adapter] = {
         layers="transformer.h",
         mlp_out="mlp.c_proj",
         attn_out="attn.attention.out_proj",
-        embed="transformer.wte",
         final_norm="transformer.ln_f",
-        unembed="lm_head",
     ),
     "GPTNeoXForCausalLM": Adapter(
         family="gpt_neox",
         layers="gpt_neox.layers",
         mlp_out="mlp.dense_4h_to_h",
         attn_out="attention.dense",
-        embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
     ),
     "LlamaForCausalLM": Adapter(
         family="llama",
         layers="model.layers",
         mlp_out="mlp.down_proj",
         attn_out="self_attn.o_proj",
-        embed="model.embed_tokens",
         final_norm="model.norm",
-        unembed="lm_head",
     ),
 }
 
@@ -167,7 +157,7 @@ class LoadedModel:
 
     @property
     def unembed(self) -> nn.Module:
-        return self.model.get_submodule(self.adapter.unembed)
+        return self.model.get_output_embeddings()
 
     @property
     def final_norm(self) -> nn.Module:
@@ -264,6 +254,23 @@ def _resolve_model_id(model_id: str) -> str:
     return model_id
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the hub endpoint does not answer a TCP connect."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _read_architecture(model_id: str) -> str:
     path = Path(model_id)
     if path.is_dir():
@@ -278,6 +285,8 @@ def _read_architecture(model_id: str) -> str:
         raise ModelError(f"model {model_id!r} not found: no such folder")
     from transformers import AutoConfig
 
+    if not _hub_reachable():
+        raise ModelError(f"model {model_id!r} is not a local folder, and the Hugging Face hub cannot be reached (offline?)")
     try:
         cfg = AutoConfig.from_pretrained(model_id)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, bad config: all one line for the user

@@ -15,7 +15,7 @@ class JobSpec:
     run: Callable[..., Any]  # (lm, seqs, config) -> result
     write: Callable[..., None]  # (session, run_id, result) -> None
     summary: Callable[[Any], dict] = lambda result: {}
-    needs_sequences: bool = True
+    add_args: Callable[[Any], None] | None = None  # extra `precompute run` options (argparse parser)
 
 
 def _neurons() -> JobSpec:
@@ -29,7 +29,31 @@ def _neurons() -> JobSpec:
     return JobSpec("neurons", make, neurons.run, write_neurons, lambda r: {"n_scored": r.n_scored})
 
 
+def _embeddings() -> JobSpec:
+    def make(args):
+        from .embeddings import EmbeddingsConfig
+
+        w = getattr(args, "embed_window", 64)
+        return EmbeddingsConfig(window=w, min_tokens=max(1, min(16, w // 4)), batch_size=args.batch_size)
+
+    def run(lm, seqs, cfg):
+        from .embeddings import run as run_embeddings
+
+        return run_embeddings(lm, seqs, cfg)
+
+    def write(s, run_id, result):
+        from ..store.embeddings_tables import write_embeddings
+
+        write_embeddings(s, run_id, result)
+
+    def add_args(p):
+        p.add_argument("--embed-window", type=int, default=64, help="embeddings job: tokens per retrieval window")
+
+    return JobSpec("embeddings", make, run, write, lambda r: {"n_windows": int(len(r.vectors)), "dim": int(r.vectors.shape[1])}, add_args)
+
+
 # name -> factory (imported lazily so one job's dependencies never slow another's start)
 JOBS: dict[str, Callable[[], JobSpec]] = {
     "neurons": _neurons,
+    "embeddings": _embeddings,
 }

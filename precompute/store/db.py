@@ -36,6 +36,7 @@ class StoreError(RuntimeError):
 def _import_table_modules() -> None:
     # every module that declares tables registers them on Base.metadata when imported
     from . import neurons  # noqa: F401
+    from . import embeddings_tables  # noqa: F401
 
 
 @dataclass

@@ -289,3 +289,36 @@ def neurons_for_token(s: Session, model: str, token_id: int, limit: int = 20, ru
                 break
     hits.sort(key=lambda h: -h[1])
     return hits[:limit]
+
+
+def match_tokens(voc: list[str], text: str) -> list[int]:
+    """Token ids whose display string is ``text`` with or without one leading space (``dog`` finds
+    "dog" and " dog"); when none match exactly, the same ignoring case."""
+    want = text.strip()
+    if not want:
+        return []
+    forms = {want, " " + want}
+    ids = [i for i, t in enumerate(voc) if t in forms]
+    if not ids:
+        low = {f.lower() for f in forms}
+        ids = [i for i, t in enumerate(voc) if t.lower() in low]
+    return ids
+
+
+def neurons_for_tokens(s: Session, model: str, token_ids: list[int], limit: int = 20, run_id: int | None = None) -> list[tuple[NeuronSummary, float, int]]:
+    """Neurons whose highest-mean tokens include any of ``token_ids``: (summary, that token's mean
+    activation, token id), best first; a neuron appears once (its best matching token)."""
+    want = {int(t) for t in token_ids}
+    if not want:
+        return []
+    summaries = {(x.layer, x.neuron): x for x in layer_neurons(s, model, None, run_id)}
+    run = latest_run(s, model, "neurons", run_id)
+    hits = []
+    for l, n, tt in s.execute(
+        select(NeuronStatsRow.layer, NeuronStatsRow.neuron, NeuronStatsRow.top_tokens).where(NeuronStatsRow.run_id == run.id)
+    ):
+        best = max(((float(m), int(t)) for t, m, _c in tt or [] if int(t) in want), default=None)
+        if best is not None:
+            hits.append((summaries[(l, n)], best[0], best[1]))
+    hits.sort(key=lambda h: -h[1])
+    return hits[:limit]

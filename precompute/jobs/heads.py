@@ -1,0 +1,280 @@
+"""Heads job: what every attention head of every layer attends to, over a corpus.
+
+Patterns are read with ``output_attentions=True`` (eager attention), one batch at a time, and
+reduced at once to running sums, so memory is bounded by one batch's patterns. Batches are
+right-padded: only queries ``q < length`` of their row are counted (a real query never sees a
+padded key in a causal model). Query positions holding BOS are not scored; the BOS *key* is
+attended to as usual (that is the first-token score).
+
+Definitions (``A[q, k]`` is a head's attention weight from query ``q`` to key ``k <= q``; a
+*scored query* is a non-BOS position of a corpus sequence; ``d = q - k`` is the distance):
+
+- ``profile[d]``: mean of ``A[q, q - d]`` over the scored queries with ``q >= d`` (those that
+  can see distance ``d``); ``profile_counts[d]`` is that number of queries. Since each row of
+  ``A`` sums to 1, ``sum_d profile[d] * profile_counts[d]`` equals the number of scored queries.
+- ``mean_distance``: mean over scored queries of ``sum_k A[q, k] * (q - k)``.
+- ``entropy``: mean over scored queries of ``-sum_k A[q, k] ln A[q, k]`` (nats).
+- ``prev_token``: ``profile[1]``, the mean weight on the previous token.
+- ``first_token``: mean over scored queries of ``A[q, 0]`` (the BOS token when prepended).
+- ``duplicate_token``: over scored queries whose token occurs earlier in the sequence, the mean
+  total weight on those earlier copies.
+- ``induction``: on ``induction_batch`` sequences ``[BOS] + r + r`` where ``r`` is
+  ``induction_len`` distinct random non-special token ids (seed ``seed``; distinct, so every
+  token has exactly one earlier copy), the mean over second-half positions ``q`` of the weight on
+  the token right after the earlier copy, ``A[q, q - induction_len + 1]``.
+- ``distance_r2`` (distance vs semantic): the share of the variance of the attention weights
+  explained by distance alone, ``R^2 = 1 - SS_res / SS_tot`` over all (scored query, key) pairs
+  of the causal triangle, where the prediction for a pair is the head's mean weight at that pair's
+  distance (the per-distance mean over the same pairs) and ``SS_tot`` is taken around the overall
+  mean weight. The BOS key (position 0 when the run prepends BOS) is left out of these pairs:
+  attention to BOS is a sink, measured by ``first_token``, and depends on where the query is,
+  not on what is at distance ``d``. Labels: ``distance`` when ``R^2 >= 0.5``, ``semantic`` when
+  ``R^2 < 0.2``, else ``mixed`` (``LABEL_THRESHOLDS``).
+
+The job also keeps ``n_examples`` example patterns per head: the first ``example_len`` tokens
+of the first ``n_examples`` corpus sequences (float16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..models import LoadedModel
+from ..sequences import Sequences, batches
+
+HeadLabel = Literal["distance", "mixed", "semantic"]
+# distance_r2 at or above "distance" -> distance head; below "semantic" -> semantic head; else mixed
+LABEL_THRESHOLDS: dict[str, float] = {"distance": 0.5, "semantic": 0.2}
+
+
+def label_for(r2: float) -> HeadLabel:
+    if r2 >= LABEL_THRESHOLDS["distance"]:
+        return "distance"
+    if r2 < LABEL_THRESHOLDS["semantic"]:
+        return "semantic"
+    return "mixed"
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    batch_size: int = 16
+    n_examples: int = 3
+    example_len: int = 40
+    induction_len: int = 50  # length of the random half; the sequence is BOS + 2 x this
+    induction_batch: int = 16
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "example_len", "induction_len", "induction_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.n_examples < 0:
+            raise ValueError("n_examples must be >= 0")
+        if self.induction_len < 2:
+            raise ValueError("induction_len must be at least 2")
+
+    def params(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class HeadExample:
+    seq_idx: int
+    pattern: np.ndarray  # [n, n] float16, the first n tokens of the sequence (n <= example_len)
+
+
+@dataclass
+class LayerHeads:
+    """Per-head statistics of one layer (arrays are indexed by head)."""
+
+    layer: int
+    profile: np.ndarray  # [n_heads, max_d + 1] float64
+    profile_counts: np.ndarray  # [max_d + 1] int64 (the same for every head)
+    mean_distance: np.ndarray
+    entropy: np.ndarray
+    prev_token: np.ndarray
+    first_token: np.ndarray
+    duplicate_token: np.ndarray  # NaN when no query has an earlier copy of its token
+    induction: np.ndarray
+    distance_r2: np.ndarray
+    labels: list[HeadLabel]
+    examples: list[list[HeadExample]]  # per head
+
+
+@dataclass
+class HeadsResult:
+    config: HeadsConfig
+    layers: list[LayerHeads] = field(default_factory=list)
+    n_queries: int = 0  # scored queries (BOS positions excluded)
+    n_dup_queries: int = 0  # scored queries whose token occurs earlier in its sequence
+    induction_len: int = 0  # the half length actually used (capped by the model's context)
+
+
+class _Acc:
+    """Running sums for one layer (float64), fed one batch of patterns at a time."""
+
+    def __init__(self, n_heads: int, max_len: int):
+        z = lambda *s: torch.zeros(s, dtype=torch.float64)  # noqa: E731
+        self.w = z(n_heads, max_len)  # sum of A[q, q-d] over queries that see d
+        self.n = torch.zeros(max_len, dtype=torch.int64)
+        self.w_nb = z(n_heads, max_len)  # the same without the BOS key (for R^2)
+        self.w2_nb = z(n_heads, max_len)  # sum of squares without the BOS key
+        self.n_nb = torch.zeros(max_len, dtype=torch.int64)
+        self.ent = z(n_heads)
+        self.first = z(n_heads)
+        self.dup = z(n_heads)
+        self.n_q = 0
+        self.n_dup = 0
+
+
+def _masks(ids: torch.Tensor, lengths: list[int], first: int):
+    """Index and masks shared by all layers of one batch (T = padded length)."""
+    B, T = ids.shape
+    k = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # [T(q), T(d)] key position of (q, d)
+    pos = torch.arange(T)[None, :]
+    qvalid = (pos >= first) & (pos < torch.tensor(lengths)[:, None])  # [B, T] scored queries
+    same = (ids[:, :, None] == ids[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril(-1)[None]
+    same &= qvalid[:, :, None]  # [B, q, k]: earlier copies of the query's token
+    return dict(
+        gather_idx=k.clamp(min=0),
+        tri=(k >= 0).to(torch.float64),  # [q, d]: query q sees distance d
+        qmask=qvalid[:, None, :, None].float(),
+        n_q_at=qvalid.sum(0),  # [T]: scored queries at each position
+        n_seen=(qvalid[:, :, None] & (k >= 0)[None]).sum((0, 1)),  # [T(d)]: scored queries that see d
+        dup_pairs=same.nonzero(as_tuple=True),  # (b, q, k) of every earlier copy
+        n_dup=int(same.any(-1).sum()),
+    )
+
+
+def _diag_sums(S: torch.Tensor, m: dict) -> torch.Tensor:
+    """S [H, q, k] -> [H, d]: sum over q of S[:, q, q - d]."""
+    H, T, _ = S.shape
+    S = S.double()
+    return (torch.gather(S, 2, m["gather_idx"].expand(H, T, T)) * m["tri"]).sum(1)
+
+
+def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None:
+    """Add one batch's patterns A [B, H, T, T] to ``acc`` (A is overwritten)."""
+    B, H, T, _ = A.shape
+    A = A.float().mul_(m["qmask"])  # rows of unscored queries -> 0
+    w = _diag_sums(A.sum(0), m)  # [H, T(d)]
+    w2 = _diag_sums(A.square().sum(0), m)
+    acc.w[:, :T] += w
+    acc.n[:T] += m["n_seen"]
+    bos = A[..., 0].double()  # [B, H, q]: weight on key 0, which sits at distance d = q
+    if skip_bos_key:
+        acc.w_nb[:, :T] += w - bos.sum(0)
+        acc.w2_nb[:, :T] += w2 - bos.square().sum(0)
+        acc.n_nb[:T] += m["n_seen"] - m["n_q_at"]
+    else:
+        acc.w_nb[:, :T] += w
+        acc.w2_nb[:, :T] += w2
+        acc.n_nb[:T] += m["n_seen"]
+    acc.ent -= torch.special.xlogy(A, A).sum((0, 2, 3)).double()
+    acc.first += bos.sum((0, 2))
+    b, q, k = m["dup_pairs"]
+    acc.dup += A[b, :, q, k].sum(0).double()  # A[b, :, q, k] is [n_pairs, H]
+    acc.n_q += int(m["n_q_at"].sum())
+    acc.n_dup += m["n_dup"]
+
+
+def _r2(acc: _Acc) -> np.ndarray:
+    """1 - SS_res/SS_tot of the weights (BOS key left out) against their per-distance means."""
+    n = acc.n_nb.double()
+    ok = n > 0
+    ss_res = (acc.w2_nb - torch.where(ok, acc.w_nb**2 / n.clamp(min=1), torch.zeros_like(acc.w_nb))).sum(1)
+    N = n.sum()
+    ss_tot = acc.w2_nb.sum(1) - acc.w_nb.sum(1) ** 2 / N.clamp(min=1)
+    r2 = torch.where(ss_tot > 1e-12, 1 - ss_res / ss_tot.clamp(min=1e-30), torch.ones_like(ss_tot))
+    return r2.clamp(max=1.0).numpy()
+
+
+def induction_tokens(lm: LoadedModel, half: int, batch: int, seed: int) -> torch.Tensor:
+    """[batch, 1 + 2 * half] ids: BOS (when the model has one) then ``r + r``, ``r`` distinct random
+    non-special tokens. Without a BOS id the sequence is ``r + r`` (no leading token)."""
+    gen = torch.Generator().manual_seed(seed)
+    special = lm.special_ids
+    pool = torch.tensor([i for i in range(lm.vocab_size) if i not in special])
+    if len(pool) < half:
+        raise ValueError(f"induction_len {half} needs that many distinct tokens; the vocabulary has {len(pool)}")
+    rows = []
+    for _ in range(batch):
+        r = pool[torch.randperm(len(pool), generator=gen)[:half]]
+        head = [torch.tensor([lm.bos_id])] if lm.bos_id is not None else []
+        rows.append(torch.cat(head + [r, r]))
+    return torch.stack(rows)
+
+
+@torch.inference_mode()
+def induction_scores(lm: LoadedModel, half: int, batch: int, seed: int) -> dict[int, np.ndarray]:
+    """{layer: [n_heads]} mean weight from each second-half token to the token after its earlier copy."""
+    ids = induction_tokens(lm, half, batch, seed)
+    off = ids.shape[1] - 2 * half  # 1 with BOS, else 0
+    out = lm.model(input_ids=ids.to(lm.device), output_attentions=True)
+    q = torch.arange(off + half, off + 2 * half)
+    k = q - half + 1
+    return {l: a[:, :, q, k].float().mean((0, 2)).cpu().double().numpy() for l, a in enumerate(out.attentions)}
+
+
+@torch.inference_mode()
+def run(lm: LoadedModel, seqs: Sequences, cfg: HeadsConfig = HeadsConfig()) -> HeadsResult:
+    """Every statistic in the module docstring, for ``cfg.layers`` (default all) and every head."""
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(lm.n_layers))
+    for l in layers:
+        lm.check_layer(l)
+    max_len = max(len(s) for s in seqs.ids)
+    first = seqs.first_scored()
+    accs = {l: _Acc(lm.n_heads, max_len) for l in layers}
+    want = {i: r for r, i in enumerate(range(min(cfg.n_examples, len(seqs.ids))))}  # seq_idx -> rank
+    examples: dict[int, dict[int, np.ndarray]] = {l: {} for l in layers}  # layer -> rank -> [H, n, n]
+    with tqdm(total=seqs.n_tokens, desc="heads", unit="tok", unit_scale=True) as bar:
+        for b in batches(seqs, cfg.batch_size):
+            masks = _masks(b.ids, b.lengths, first)
+            out = lm.model(input_ids=b.ids.to(lm.device), output_attentions=True)
+            for l in layers:
+                A = out.attentions[l].cpu()
+                for r, (k, n) in enumerate(zip(b.seq_idx, b.lengths)):
+                    if k in want:  # before _accumulate, which zeroes unscored rows in place
+                        m = min(n, cfg.example_len)
+                        examples[l][want[k]] = A[r, :, :m, :m].to(torch.float16).numpy().copy()
+                _accumulate(accs[l], A, masks, seqs.prepend_bos)
+            bar.update(sum(b.lengths))
+    half = min(cfg.induction_len, (lm.n_ctx - 1) // 2)
+    ind = induction_scores(lm, half, cfg.induction_batch, cfg.seed)
+    result = HeadsResult(config=cfg, induction_len=half)
+    for l in layers:
+        acc = accs[l]
+        n = acc.n.double()
+        profile = torch.where(n > 0, acc.w / n.clamp(min=1), torch.zeros_like(acc.w))
+        nq = max(acc.n_q, 1)
+        dist = torch.arange(max_len, dtype=torch.float64)
+        r2 = _r2(acc)
+        ex = [
+            [HeadExample(seq_idx=k, pattern=examples[l][rank][h]) for k, rank in want.items() if rank in examples[l]]
+            for h in range(lm.n_heads)
+        ]
+        result.layers.append(
+            LayerHeads(
+                layer=l,
+                profile=profile.numpy(),
+                profile_counts=acc.n.numpy(),
+                mean_distance=((acc.w * dist).sum(1) / nq).numpy(),
+                entropy=(acc.ent / nq).numpy(),
+                prev_token=profile[:, 1].numpy() if max_len > 1 else np.zeros(lm.n_heads),
+                first_token=(acc.first / nq).numpy(),
+                duplicate_token=(acc.dup / acc.n_dup).numpy() if acc.n_dup else np.full(lm.n_heads, np.nan),
+                induction=ind[l],
+                distance_r2=r2,
+                labels=[label_for(float(x)) for x in r2],
+                examples=ex,
+            )
+        )
+        result.n_queries = acc.n_q
+        result.n_dup_queries = acc.n_dup
+    return result

@@ -1,0 +1,156 @@
+"""Embedding tables (one float16 vector per training window), their writer and queries.
+
+Vectors are stored in chunks of ``CHUNK_ROWS`` rows: one table row holds a float16 matrix blob
+and the WINDOW_DTYPE records (sequence, [start, end) positions) of its rows, so a large corpus
+never needs one huge blob and a reader can load everything with one query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import ForeignKey, Integer, LargeBinary, UniqueConstraint, insert, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from ..jobs.embeddings import WINDOW_DTYPE
+from .base import Base, from_blob, to_blob
+from .queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
+
+CHUNK_ROWS = 4096
+
+
+class EmbeddingRunRow(Base):
+    """Per run: the centre subtracted from every pooled vector (and from a prompt's) before normalising."""
+
+    __tablename__ = "embedding_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    n_rows: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    centre: Mapped[bytes] = mapped_column(LargeBinary)  # float32 [dim]
+
+
+class EmbeddingChunkRow(Base):
+    __tablename__ = "embedding_chunks"
+    __table_args__ = (UniqueConstraint("run_id", "chunk"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    chunk: Mapped[int] = mapped_column(Integer)
+    first_row: Mapped[int] = mapped_column(Integer)
+    n_rows: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    vectors: Mapped[bytes] = mapped_column(LargeBinary)  # float16 [n_rows, dim], rows L2-normalised
+    windows: Mapped[bytes] = mapped_column(LargeBinary)  # WINDOW_DTYPE records
+
+
+def write_embeddings(s: Session, run_id: int, result) -> None:
+    """All chunks of an embeddings-job result, in the caller's transaction."""
+    v = np.ascontiguousarray(result.vectors, dtype="<f2")
+    w = np.ascontiguousarray(result.windows, dtype=WINDOW_DTYPE)
+    s.execute(insert(EmbeddingRunRow), [dict(run_id=run_id, n_rows=len(v), dim=v.shape[1],
+                                             centre=to_blob(np.asarray(result.centre, dtype="<f4")))])
+    rows = []
+    for c, start in enumerate(range(0, len(v), CHUNK_ROWS)):
+        part = v[start : start + CHUNK_ROWS]
+        rows.append(
+            dict(run_id=run_id, chunk=c, first_row=start, n_rows=len(part), dim=v.shape[1],
+                 vectors=to_blob(part), windows=to_blob(w[start : start + CHUNK_ROWS]))
+        )
+    for i in range(0, len(rows), 50):
+        s.execute(insert(EmbeddingChunkRow), rows[i : i + 50])
+
+
+# ---------------------------------------------------------------------------------------------
+# queries
+
+
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """A run's whole embedding matrix (float16) and the window each row covers."""
+
+    run: RunInfo
+    vectors: np.ndarray  # [n, dim] float16
+    windows: np.ndarray  # WINDOW_DTYPE
+    centre: np.ndarray  # [dim] float32: subtract from a pooled prompt vector before normalising
+
+    @property
+    def n(self) -> int:
+        return len(self.vectors)
+
+
+@dataclass(frozen=True)
+class WindowToken:
+    id: int
+    text: str
+    special: bool
+
+
+@dataclass(frozen=True)
+class WindowView:
+    row: int
+    seq_idx: int
+    story_id: int
+    start: int  # position in the sequence the model saw (BOS is position 0)
+    end: int  # exclusive
+    token_ids: tuple[int, ...]  # the window's tokens, seq[start:end]
+    tokens: tuple[WindowToken, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+def load_embeddings(s: Session, model: str, run_id: int | None = None) -> Embeddings:
+    """The newest complete embeddings run of ``model`` (or ``run_id``), all rows."""
+    run = latest_run(s, model, "embeddings", run_id)
+    chunks = s.execute(
+        select(EmbeddingChunkRow.n_rows, EmbeddingChunkRow.dim, EmbeddingChunkRow.vectors, EmbeddingChunkRow.windows)
+        .where(EmbeddingChunkRow.run_id == run.id)
+        .order_by(EmbeddingChunkRow.chunk)
+    ).all()
+    if not chunks:
+        raise NotFound(f"embeddings run {run.id} of {model!r} has no rows")
+    centre = s.scalar(select(EmbeddingRunRow.centre).where(EmbeddingRunRow.run_id == run.id))
+    vecs = [from_blob(b, "<f2").reshape(n, d) for n, d, b, _ in chunks]
+    wins = [from_blob(b, WINDOW_DTYPE) for _n, _d, _b, b in chunks]
+    v = np.concatenate(vecs)
+    c = from_blob(centre, "<f4") if centre is not None else np.zeros(v.shape[1], np.float32)
+    return Embeddings(run=run, vectors=v, windows=np.concatenate(wins), centre=c)
+
+
+def embedding_centre(s: Session, model: str, run_id: int | None = None) -> np.ndarray:
+    """Only the centre of the newest embeddings run (cheap: no vectors are read)."""
+    run = latest_run(s, model, "embeddings", run_id)
+    c = s.scalar(select(EmbeddingRunRow.centre).where(EmbeddingRunRow.run_id == run.id))
+    if c is None:
+        raise NotFound(f"embeddings run {run.id} of {model!r} has no centre row")
+    return from_blob(c, "<f4")
+
+
+def window_views(s: Session, model: str, run_id: int, windows: np.ndarray, rows) -> list[WindowView]:
+    """Readable tokens of the given rows (indices into ``windows``), in the order given."""
+    from .tables import SequenceRow
+
+    rows = [int(r) for r in rows]
+    if any(not 0 <= r < len(windows) for r in rows):
+        raise NotFound(f"window row out of range (run {run_id} has {len(windows)} windows)")
+    need = {int(windows["seq"][r]) for r in rows}
+    toks = sequence_tokens(s, run_id, need)
+    stories = dict(
+        s.execute(select(SequenceRow.seq_idx, SequenceRow.story_id).where(
+            SequenceRow.run_id == run_id, SequenceRow.seq_idx.in_(sorted(need))
+        )).all()
+    )
+    voc = vocab(s, model)
+    special = set(get_model(s, model).special_ids)
+    out = []
+    for r in rows:
+        k, a, b = (int(x) for x in windows[r])
+        ids = tuple(int(t) for t in toks[k][a:b])
+        out.append(
+            WindowView(
+                row=r, seq_idx=k, story_id=int(stories.get(k, -1)), start=a, end=b, token_ids=ids,
+                tokens=tuple(WindowToken(t, voc[t] if 0 <= t < len(voc) else f"<{t}>", t in special) for t in ids),
+            )
+        )
+    return out

@@ -1,0 +1,139 @@
+"""The neuron job against an independent recomputation on stories260K (plain hooks on the MLP input)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from precompute.jobs.neurons import NeuronsConfig, run
+from precompute.store.neurons import neuron_page
+
+
+def _independent_acts(lm, seqs, layer: int) -> list[np.ndarray]:
+    """silu(gate(x)) * up(x) from the MLP's own input, one unpadded sequence at a time."""
+    mlp = lm.model.model.layers[layer].mlp
+    seen = {}
+    h = mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    out = []
+    try:
+        with torch.no_grad():
+            for ids in seqs.ids:
+                lm.model(input_ids=torch.tensor(ids[None, :], dtype=torch.long))
+                x = seen["x"][0]
+                out.append((torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).numpy())
+    finally:
+        h.remove()
+    return out
+
+
+def _greedy_top(acts_per_seq, neuron, k, before, first):
+    cands = []
+    for s, a in enumerate(acts_per_seq):
+        for p in range(first, a.shape[0]):
+            cands.append((float(a[p, neuron]), s, p))
+    cands.sort(key=lambda c: -c[0])
+    kept = []
+    for v, s, p in cands:
+        if any(ks == s and abs(kp - p) <= before for _, ks, kp in kept):
+            continue
+        kept.append((v, s, p))
+        if len(kept) == k:
+            break
+    return kept
+
+
+@pytest.fixture(scope="module")
+def result(lm260k, seqs260k):
+    return run(lm260k, seqs260k, NeuronsConfig(top_k=8))
+
+
+@pytest.mark.parametrize("layer,neurons", [(0, [0, 17, 171]), (3, [5, 99]), (4, [42, 150])])
+def test_top_examples_match_plain_hooks(lm260k, seqs260k, result, layer, neurons):
+    acts = _independent_acts(lm260k, seqs260k, layer)
+    L = next(x for x in result.layers if x.layer == layer)
+    cfg = result.config
+    for n in neurons:
+        want = _greedy_top(acts, n, cfg.top_k, cfg.ctx_before, seqs260k.first_scored())
+        got = L.examples[n]
+        assert [(e.seq, e.pos) for e in got] == [(s, p) for _, s, p in want]
+        np.testing.assert_allclose([e.act for e in got], [v for v, _, _ in want], atol=1e-4)
+        for e in got:  # every token of the window, BOS included, has its own activation
+            ref = acts[e.seq][e.win_start : e.win_start + len(e.acts), n]
+            np.testing.assert_allclose(e.acts, ref, atol=1e-4)
+            assert e.pos - e.win_start == min(cfg.ctx_before, e.pos)
+
+
+def test_stats_histogram_and_top_tokens(lm260k, seqs260k, result):
+    layer, n = 2, 33
+    acts = _independent_acts(lm260k, seqs260k, layer)
+    first = seqs260k.first_scored()
+    flat = np.concatenate([a[first:, n] for a in acts])
+    toks = np.concatenate([ids[first:] for ids in seqs260k.ids])
+    L = next(x for x in result.layers if x.layer == layer)
+    assert result.n_scored == len(flat) == seqs260k.n_scored
+    np.testing.assert_allclose(L.mean[n], flat.mean(), atol=1e-5)
+    np.testing.assert_allclose(L.max[n], flat.max(), atol=1e-5)
+    np.testing.assert_allclose(L.min[n], flat.min(), atol=1e-5)
+    np.testing.assert_allclose(L.frac_pos[n], (flat > 0).mean(), atol=1e-6)
+    # histogram counts sum to the token count, for every neuron
+    assert (L.hist.sum(axis=1) == len(flat)).all()
+    ref, _ = np.histogram(flat, bins=np.linspace(flat.min(), flat.max(), result.config.n_bins + 1))
+    assert np.abs(ref - L.hist[n]).sum() <= 2  # only float rounding at bin edges may differ
+    # top tokens by mean activation (tokens seen >= min_token_count times)
+    means = {t: flat[toks == t].mean() for t in np.unique(toks) if (toks == t).sum() >= result.config.min_token_count}
+    best = sorted(means, key=lambda t: -means[t])[: result.config.n_top_tokens]
+    assert list(L.top_tokens[n][: len(best)]) == best
+    # spectrum sample: <= samples_per_bin per bin, each value is the activation at that place
+    rec = L.spectrum[n]
+    for s, p, a in rec[:50]:
+        np.testing.assert_allclose(a, acts[s][p, n], atol=1e-5)
+        assert p >= first
+    width = (flat.max() - flat.min()) / result.config.n_bins
+    bins = np.clip(((rec["act"] - flat.min()) / width).astype(int), 0, result.config.n_bins - 1)
+    assert np.bincount(bins).max() <= result.config.samples_per_bin
+    # a bin with at least samples_per_bin tokens contributes exactly that many
+    full_bins = np.nonzero(L.hist[n] >= result.config.samples_per_bin)[0]
+    counts = np.bincount(bins, minlength=result.config.n_bins)
+    assert (np.abs(counts[full_bins] - result.config.samples_per_bin) <= 1).all()
+
+
+def test_logit_effects(lm260k, result):
+    layer, n = 1, 7
+    m = lm260k.model
+    w_out = m.model.layers[layer].mlp.down_proj.weight[:, n]  # [d_model]
+    eff = (w_out * m.model.norm.weight) @ m.lm_head.weight.T
+    L = next(x for x in result.layers if x.layer == layer)
+    top = torch.topk(eff, 10)
+    np.testing.assert_array_equal(L.logit_top[n], top.indices.numpy())
+    np.testing.assert_allclose(L.logit_top_values[n], top.values.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(L.logit_bottom[n], torch.topk(-eff, 10).indices.numpy())
+
+
+def test_positions_match_raw_token_ids(lm260k, seqs260k, valid_corpus):
+    """Sequence k position p is exactly token p of the story's raw tokenisation (BOS at 0)."""
+    from precompute.corpus import read_text_corpus
+
+    stories = read_text_corpus(valid_corpus, max_stories=400).stories
+    for k in (0, 1, 5):
+        raw = lm260k.tokenizer(stories[seqs260k.story_ids[k]])["input_ids"]  # the tokenizer adds <s>
+        assert raw[0] == 1 == seqs260k.ids[k][0]
+        off = seqs260k.offsets[k]
+        assert list(seqs260k.ids[k][1:]) == raw[1 + off : 1 + off + len(seqs260k.ids[k]) - 1]
+
+
+def test_stored_page_round_trip(neurons_db, lm260k):
+    from precompute.store.db import open_store
+
+    store = open_store(neurons_db, create=False)
+    with store.session() as s:
+        page = neuron_page(s, "stories260K", 0, 3)
+    assert page.run.prepend_bos and page.run.job == "neurons"
+    assert sum(page.histogram.counts) == page.run.n_tokens
+    ex = page.examples[0]
+    assert ex.tokens[ex.max_index].id == ex.tokens[ex.pos - ex.win_start].id
+    assert ex.acts[ex.max_index] == pytest.approx(ex.act, abs=1e-5)
+    assert max(ex.acts[i] for i, t in enumerate(ex.tokens) if not t.special) <= ex.act + 1e-5
+    if ex.win_start == 0:
+        assert ex.tokens[0].special and ex.tokens[0].text == "<s>"
+    assert [e.act for e in page.examples] == sorted((e.act for e in page.examples), reverse=True)
