@@ -16,6 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PAGES = [
     ("pages/overview.py", "Models", "overview"),
     ("pages/neuron.py", "Neuron", "neuron"),
+    ("pages/heads.py", "Heads", "heads"),
+    ("pages/head.py", "Head", "head"),
+    ("pages/lab.py", "Lab", "lab"),
+    ("pages/retrieval.py", "Retrieval", "retrieval"),
+    ("pages/rules.py", "Rules", "rules"),
+    ("pages/story.py", "Rule matches", "story"),
 ]
 
 

@@ -39,6 +39,8 @@ def _add_train(sub):
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--cased", action="store_true", help="keep case (default: lowercasing tokenizer)")
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; the LR schedule follows it")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -108,6 +110,7 @@ def cmd_train(args) -> int:
         corpus=args.corpus, val_corpus=args.val_corpus, out=args.out, n_layers=args.layers, d_model=args.d_model,
         n_heads=args.heads, d_mlp=args.d_mlp, n_ctx=args.n_ctx, vocab_size=args.vocab_size, lowercase=not args.cased,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        max_minutes=args.max_minutes, threads=args.threads,
     )
     r = run(cfg)
     print(f"saved {r.out}: {r.n_params:,} parameters, train loss {r.final_train_loss:.3f}, "
@@ -170,6 +173,16 @@ def cmd_show(args) -> int:
 # `precompute show NAME`: NAME -> (add_arguments(parser), handler(args, store) -> exit code).
 # Each handler prints JSON of the same query the page uses.
 SHOWS: dict = {}
+from .store.heads_tables import SHOW_HEAD, SHOW_HEADS  # noqa: E402
+
+SHOWS["head"] = SHOW_HEAD
+SHOWS["heads"] = SHOW_HEADS
+from .store.rules_tables import SHOW_RULES  # noqa: E402
+
+SHOWS["rules"] = SHOW_RULES
+from .store.embeddings_tables import SHOW_RETRIEVAL  # noqa: E402
+
+SHOWS["retrieval"] = SHOW_RETRIEVAL
 
 
 def cmd_runs(args) -> int:

@@ -18,6 +18,7 @@ Ablation conventions (TransformerLens names):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .hooks import hook_name, hooked, run_with_patterns
-from .models import LoadedModel, ModelError
+from .models import LoadedModel
 
 AblationKind = Literal["neuron", "head"]
 AblationMode = Literal["zero", "mean"]
@@ -37,6 +38,18 @@ ABLATION_MODES: dict[AblationMode, str] = {
     "mean": "set to its mean at every position",
 }
 N_TOP_NEURONS = 5
+_LOCK_GUARD = threading.Lock()
+
+
+def model_lock(lm: LoadedModel) -> threading.RLock:
+    """One lock per loaded model. Hooks live on the shared module objects, so two threads (two
+    Streamlit sessions or overlapping reruns using one cached model) must not interleave a hooked
+    forward pass: one thread's intervention would leak into the other's "clean" run."""
+    with _LOCK_GUARD:
+        lock = lm.__dict__.get("_forward_lock")
+        if lock is None:
+            lock = lm.__dict__["_forward_lock"] = threading.RLock()
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +196,7 @@ def analyse(lm: LoadedModel, text: str, top_k: int = 10, max_tokens: int | None 
 
         return fn
 
-    with hooked(lm, {hook_name(l, "mlp.post"): grab(l) for l in range(lm.n_layers)}):
+    with model_lock(lm), hooked(lm, {hook_name(l, "mlp.post"): grab(l) for l in range(lm.n_layers)}):
         logits, patterns = run_with_patterns(lm, ids)
     logp = torch.log_softmax(logits[0].float(), dim=-1)  # [pos, vocab]
     k = min(int(top_k), lm.vocab_size)
@@ -245,7 +258,8 @@ def continue_text(
         if len(ids) >= lm.n_ctx:
             stopped = "context full"
             break
-        out = lm.model(input_ids=step_in.to(lm.device), past_key_values=past, use_cache=True)
+        with model_lock(lm):
+            out = lm.model(input_ids=step_in.to(lm.device), past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float().cpu()
         p1 = torch.softmax(logits, -1)
@@ -440,7 +454,7 @@ def ablate(
     def capture(x):
         captured["x"] = x.detach().clone()
 
-    with hooked(lm, {name: capture}):
+    with model_lock(lm), hooked(lm, {name: capture}):
         clean = lm.model(input_ids=ids.to(lm.device)).logits[0].float()
 
     mean_source = None
@@ -463,7 +477,7 @@ def ablate(
             x[..., index, :] = 0.0 if value is None else value
         return x
 
-    with hooked(lm, {name: intervene}):
+    with model_lock(lm), hooked(lm, {name: intervene}):
         ablated = lm.model(input_ids=ids.to(lm.device)).logits[0].float()
 
     return AblationResult(

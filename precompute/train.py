@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    max_minutes: float | None = None  # wall-clock budget: the schedule follows time when it runs short
     sample_prompt: str = "once upon a time"
 
     def __post_init__(self):
@@ -70,6 +71,7 @@ class TrainResult:
     seconds: float
     sample: str
     history: list[dict]
+    steps: int = 0
 
 
 def train_tokenizer(stories, vocab_size: int, lowercase: bool):
@@ -105,10 +107,18 @@ def encode_stream(tokenizer, stories) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
+def _progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """Fraction of training done: by steps, or by wall-clock time when ``max_minutes`` is set and binds."""
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_minutes:
+        t = max(t, elapsed / (cfg.max_minutes * 60))
+    return min(1.0, t)
+
+
+def _lr_at(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = _progress(cfg, step, elapsed)
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -176,9 +186,15 @@ def run(cfg: TrainConfig) -> TrainResult:
     history: list[dict] = []
     ema = None
     bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    t_train = time.time()
+    steps_done = 0
     for step in bar:
+        elapsed = time.time() - t_train
+        if step > cfg.warmup and _progress(cfg, step, elapsed) >= 1.0:
+            tqdm.write(f"time budget of {cfg.max_minutes} min reached after {step} steps")
+            break
         for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
+            g["lr"] = _lr_at(cfg, step, elapsed)
         starts = rng.integers(0, len(train) - cfg.n_ctx - 1, size=cfg.batch_size)
         x = torch.tensor(np.stack([train[s : s + cfg.n_ctx + 1] for s in starts]), device=cfg.device)
         logits = model(input_ids=x[:, :-1]).logits
@@ -189,6 +205,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
+        steps_done = step + 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             rec = {"step": step + 1, "train_loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)}
             if val is not None:
@@ -196,6 +213,9 @@ def run(cfg: TrainConfig) -> TrainResult:
             history.append(rec)
             tqdm.write(json.dumps(rec))
 
+    if not history or history[-1]["step"] != steps_done:
+        rec = {"step": steps_done, "train_loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)}
+        history.append(rec)
     final_train = eval_loss(model, train, cfg.n_ctx, cfg.eval_tokens * 4, cfg.device)
     val_loss = eval_loss(model, val, cfg.n_ctx, len(val), cfg.device) if val is not None else None
     model.eval()
@@ -204,7 +224,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         gen = model.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=80,
+            max_new_tokens=max(1, min(80, cfg.n_ctx - prompt_ids.shape[1])),
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
         )
@@ -225,6 +245,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         seconds=round(seconds, 1),
         sample=sample,
         history=history,
+        steps=steps_done,
     )
     (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "result": asdict(result)}, indent=2))
     (out / "README.md").write_text(model_card(cfg, result))
@@ -247,7 +268,7 @@ A small GPT-2-style language model trained from scratch by `precompute train` (t
 | parameters | {r.n_params:,} |
 | tokenizer | byte-level BPE, {cfg.vocab_size} tokens, {"lowercasing" if cfg.lowercase else "cased"}, trained on the same corpus; `<\\|endoftext\\|>` is BOS and EOS and is prepended to every story |
 | training corpus | `{Path(cfg.corpus).name}` ({r.train_tokens:,} tokens) |
-| recipe | {cfg.steps} steps x {cfg.batch_size} x {cfg.n_ctx} tokens, AdamW lr {cfg.lr} (warmup {cfg.warmup}, cosine to {cfg.min_lr_frac:g}x), weight decay {cfg.weight_decay}, dropout {cfg.dropout}, seed {cfg.seed}, device {cfg.device} |
+| recipe | {r.steps} steps{f" (wall-clock budget {cfg.max_minutes:g} min)" if cfg.max_minutes else ""} x {cfg.batch_size} x {cfg.n_ctx} tokens, AdamW lr {cfg.lr} (warmup {cfg.warmup}, cosine to {cfg.min_lr_frac:g}x), weight decay {cfg.weight_decay}, dropout {cfg.dropout}, seed {cfg.seed}, device {cfg.device} |
 | train loss (end) | {r.final_train_loss:.3f} nats/token |
 | validation loss | {val} |
 | training time | {r.seconds / 60:.1f} min |
@@ -255,7 +276,7 @@ A small GPT-2-style language model trained from scratch by `precompute train` (t
 Validation text is split into paragraphs (the file marks stories and paragraphs alike with a
 blank line), each preceded by BOS, so paragraph starts count as story starts: this slightly
 overstates the loss. The training corpus is small (about 1M tokens) and the model saw it
-about {cfg.steps * cfg.batch_size * cfg.n_ctx / max(1, r.train_tokens):.0f} times.
+about {r.steps * cfg.batch_size * cfg.n_ctx / max(1, r.train_tokens):.0f} times.
 
 Greedy continuation of "{cfg.sample_prompt}":
 
@@ -267,5 +288,5 @@ Loss during training:
 |---|---|---|---|
 {curve}
 
-Reproduce: `precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}`
+Reproduce: `precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps}{f" --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}`
 """

@@ -137,7 +137,10 @@ def _lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def finetune_copy(lm: LoadedModel, examples: list[list[int]], steps: int, lr: float) -> tuple[LoadedModel, list[float]]:
-    """A fine-tuned deep copy of ``lm`` and the example loss before each step and after the last."""
+    """A fine-tuned deep copy of ``lm`` and the example loss before each step and after the last
+    (no examples, zero steps: an unchanged copy and no losses)."""
+    if not examples:
+        return replace(lm, model=copy.deepcopy(lm.model), _display=lm._display), []
     ids, labels = _training_batch(lm, examples)
     ids, labels = ids.to(lm.device), labels.to(lm.device)
     model = copy.deepcopy(lm.model)
@@ -185,6 +188,29 @@ def _top(lm: LoadedModel, ids: list[int], k: int) -> tuple[np.ndarray, tuple[Top
 def _acts(lm: LoadedModel, ids: list[int], positions: list[int]) -> torch.Tensor:
     acts = neuron_acts(lm, torch.tensor([ids]))
     return torch.stack([acts[l][0, positions].float() for l in range(lm.n_layers)], 1)  # [pos, layer, d_mlp]
+
+
+def ngram_rule_fn(index, rule_set_name: str = "subgram", distance: str = "variational", top_k: int = 5):
+    """A ``rules`` function for ``run_sandbox``: the n-gram matcher's per-token optimal rule for
+    given next-token probabilities (the same steps as ``precompute.jobs.rules.match_prompt``,
+    which computes the probabilities itself). Entry ``i`` is the prediction of token ``i + 1``."""
+
+    def fn(lm: LoadedModel, ids, probs: np.ndarray) -> tuple:
+        from .ngrams.matcher import Matcher, contexts_of
+        from .ngrams.templates import rule_set
+        from .ngrams.views import token_matches
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) < 2:
+            return ()
+        matcher = Matcher(index, rule_set(rule_set_name), distance, top_k)
+        first_is_bos = lm.bos_id is not None and ids[0] == lm.bos_id
+        ctx, clen = contexts_of(ids, lm.bos_id if first_is_bos else None, first=1 if first_is_bos else 0)
+        t = np.arange(1, len(ids))
+        m = matcher.match(np.asarray(probs, dtype=np.float32)[t - 1], ctx[t], clen[t], ids[t])
+        return tuple(token_matches(matcher.templates, ids, lm.display_vocab(), t, clen[t], m))
+
+    return fn
 
 
 def run_sandbox(

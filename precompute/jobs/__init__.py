@@ -52,8 +52,75 @@ def _embeddings() -> JobSpec:
     return JobSpec("embeddings", make, run, write, lambda r: {"n_windows": int(len(r.vectors)), "dim": int(r.vectors.shape[1])}, add_args)
 
 
+def _heads() -> JobSpec:
+    def make(args):
+        from .heads import HeadsConfig
+
+        layers = tuple(int(x) for x in args.layers.split(",")) if getattr(args, "layers", None) else None
+        return HeadsConfig(
+            batch_size=args.batch_size, n_examples=getattr(args, "head_examples", 3),
+            induction_len=getattr(args, "induction_len", 50), layers=layers, seed=args.seed,
+        )
+
+    def run(lm, seqs, cfg):
+        from .heads import run as run_heads
+
+        return run_heads(lm, seqs, cfg)
+
+    def write(s, run_id, result):
+        from ..store.heads_tables import write_heads
+
+        write_heads(s, run_id, result)
+
+    def add_args(p):
+        p.add_argument("--head-examples", type=int, default=3, help="heads job: example patterns stored per head")
+        p.add_argument("--induction-len", type=int, default=50, help="heads job: random tokens per half of the induction test")
+
+    def summary(r):
+        return {"n_queries": r.n_queries, "n_dup_queries": r.n_dup_queries, "induction_len": r.induction_len}
+
+    return JobSpec("heads", make, run, write, summary, add_args)
+
+
+def _rules() -> JobSpec:
+    def make(args):
+        from .rules import RulesConfig
+
+        return RulesConfig(
+            ngram_corpus=getattr(args, "ngram_corpus", None) or "", rule_set=getattr(args, "rule_set", "subgram"),
+            distance=getattr(args, "distance", "variational"), batch_size=args.batch_size,
+        )
+
+    def run(lm, seqs, cfg):
+        from .rules import run as run_rules
+
+        return run_rules(lm, seqs, cfg)
+
+    def write(s, run_id, result):
+        from ..store.rules_tables import write_rules
+
+        write_rules(s, run_id, result)
+
+    def summary(r):
+        from .rules import summary as rules_summary
+
+        return rules_summary(r)
+
+    def add_args(p):
+        p.add_argument("--ngram-corpus", default=None,
+                       help="rules job (required): the model's training text for the n-gram index, e.g. train-1097.txt for stories260K")
+        p.add_argument("--rule-set", default="subgram", choices=["subgram", "all", "suffix"],
+                       help="rules job: R_subgram (127 rules), R_all (609, with marginalised tokens) or R_suffix (7 n-grams)")
+        p.add_argument("--distance", default="variational", choices=["variational", "linf"],
+                       help="rules job: distance between the model and a rule")
+
+    return JobSpec("rules", make, run, write, summary, add_args)
+
+
 # name -> factory (imported lazily so one job's dependencies never slow another's start)
 JOBS: dict[str, Callable[[], JobSpec]] = {
     "neurons": _neurons,
     "embeddings": _embeddings,
+    "heads": _heads,
+    "rules": _rules,
 }

@@ -134,19 +134,20 @@ class _Acc:
 
 
 def _masks(ids: torch.Tensor, lengths: list[int], first: int):
-    """Index and masks shared by all layers of one batch (T = padded length)."""
+    """Index and masks shared by all layers of one batch (T = padded length), on ``ids``' device."""
     B, T = ids.shape
-    k = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # [T(q), T(d)] key position of (q, d)
-    pos = torch.arange(T)[None, :]
-    qvalid = (pos >= first) & (pos < torch.tensor(lengths)[:, None])  # [B, T] scored queries
-    same = (ids[:, :, None] == ids[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril(-1)[None]
+    dev = ids.device
+    k = torch.arange(T, device=dev)[:, None] - torch.arange(T, device=dev)[None, :]  # [T(q), T(d)] key of (q, d)
+    pos = torch.arange(T, device=dev)[None, :]
+    qvalid = (pos >= first) & (pos < torch.tensor(lengths, device=dev)[:, None])  # [B, T] scored queries
+    same = (ids[:, :, None] == ids[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)[None]
     same &= qvalid[:, :, None]  # [B, q, k]: earlier copies of the query's token
     return dict(
         gather_idx=k.clamp(min=0),
-        tri=(k >= 0).to(torch.float64),  # [q, d]: query q sees distance d
+        tri=(k >= 0).float(),  # [q, d]: query q sees distance d
         qmask=qvalid[:, None, :, None].float(),
-        n_q_at=qvalid.sum(0),  # [T]: scored queries at each position
-        n_seen=(qvalid[:, :, None] & (k >= 0)[None]).sum((0, 1)),  # [T(d)]: scored queries that see d
+        n_q_at=qvalid.sum(0).cpu(),  # [T]: scored queries at each position
+        n_seen=(qvalid[:, :, None] & (k >= 0)[None]).sum((0, 1)).cpu(),  # [T(d)]: scored queries that see d
         dup_pairs=same.nonzero(as_tuple=True),  # (b, q, k) of every earlier copy
         n_dup=int(same.any(-1).sum()),
     )
@@ -155,8 +156,7 @@ def _masks(ids: torch.Tensor, lengths: list[int], first: int):
 def _diag_sums(S: torch.Tensor, m: dict) -> torch.Tensor:
     """S [H, q, k] -> [H, d]: sum over q of S[:, q, q - d]."""
     H, T, _ = S.shape
-    S = S.double()
-    return (torch.gather(S, 2, m["gather_idx"].expand(H, T, T)) * m["tri"]).sum(1)
+    return (torch.gather(S, 2, m["gather_idx"].expand(H, T, T)) * m["tri"]).sum(1).double().cpu()
 
 
 def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None:
@@ -167,7 +167,7 @@ def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None
     w2 = _diag_sums(A.square().sum(0), m)
     acc.w[:, :T] += w
     acc.n[:T] += m["n_seen"]
-    bos = A[..., 0].double()  # [B, H, q]: weight on key 0, which sits at distance d = q
+    bos = A[..., 0].double().cpu()  # [B, H, q]: weight on key 0, which sits at distance d = q
     if skip_bos_key:
         acc.w_nb[:, :T] += w - bos.sum(0)
         acc.w2_nb[:, :T] += w2 - bos.square().sum(0)
@@ -176,10 +176,10 @@ def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None
         acc.w_nb[:, :T] += w
         acc.w2_nb[:, :T] += w2
         acc.n_nb[:T] += m["n_seen"]
-    acc.ent -= torch.special.xlogy(A, A).sum((0, 2, 3)).double()
+    acc.ent -= torch.special.xlogy(A, A).sum((0, 2, 3)).double().cpu()
     acc.first += bos.sum((0, 2))
     b, q, k = m["dup_pairs"]
-    acc.dup += A[b, :, q, k].sum(0).double()  # A[b, :, q, k] is [n_pairs, H]
+    acc.dup += A[b, :, q, k].sum(0).double().cpu()  # A[b, :, q, k] is [n_pairs, H]
     acc.n_q += int(m["n_q_at"].sum())
     acc.n_dup += m["n_dup"]
 
@@ -235,14 +235,15 @@ def run(lm: LoadedModel, seqs: Sequences, cfg: HeadsConfig = HeadsConfig()) -> H
     examples: dict[int, dict[int, np.ndarray]] = {l: {} for l in layers}  # layer -> rank -> [H, n, n]
     with tqdm(total=seqs.n_tokens, desc="heads", unit="tok", unit_scale=True) as bar:
         for b in batches(seqs, cfg.batch_size):
-            masks = _masks(b.ids, b.lengths, first)
-            out = lm.model(input_ids=b.ids.to(lm.device), output_attentions=True)
+            ids = b.ids.to(lm.device)
+            masks = _masks(ids, b.lengths, first)
+            out = lm.model(input_ids=ids, output_attentions=True)
             for l in layers:
-                A = out.attentions[l].cpu()
+                A = out.attentions[l]  # [B, H, T, T] on the model's device; reduced there
                 for r, (k, n) in enumerate(zip(b.seq_idx, b.lengths)):
                     if k in want:  # before _accumulate, which zeroes unscored rows in place
                         m = min(n, cfg.example_len)
-                        examples[l][want[k]] = A[r, :, :m, :m].to(torch.float16).numpy().copy()
+                        examples[l][want[k]] = A[r, :, :m, :m].to(torch.float16).cpu().numpy().copy()
                 _accumulate(accs[l], A, masks, seqs.prepend_bos)
             bar.update(sum(b.lengths))
     half = min(cfg.induction_len, (lm.n_ctx - 1) // 2)
@@ -278,3 +279,13 @@ def run(lm: LoadedModel, seqs: Sequences, cfg: HeadsConfig = HeadsConfig()) -> H
         result.n_queries = acc.n_q
         result.n_dup_queries = acc.n_dup
     return result
+
+
+@torch.inference_mode()
+def head_pattern(lm: LoadedModel, ids: list[int], layer: int, head: int) -> np.ndarray:
+    """One head's attention pattern on one sequence of token ids: [q, k] float32 (0 above the diagonal)."""
+    lm.check_head(layer, head)
+    if not ids:
+        return np.zeros((0, 0), np.float32)
+    out = lm.model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=lm.device), output_attentions=True)
+    return out.attentions[layer][0, head].float().cpu().numpy()

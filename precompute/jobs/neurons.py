@@ -143,19 +143,21 @@ def _top_examples(a: torch.Tensor, index: _Index, scored: torch.Tensor, full: to
     n_cand = min(a.shape[0], cfg.top_k * 8)
     vals, idx = torch.topk(a, n_cand, dim=0)  # [n_cand, d]
     rows = scored[idx].numpy()
-    vals = vals.numpy()
+    cand_seq, cand_pos = index.seq[rows].T.tolist(), index.pos[rows].T.tolist()
+    vals_t = vals.T.tolist()
+    full_np = full.numpy()
     out = []
     for n in range(a.shape[1]):
         kept: list[Example] = []
+        seqs, poss, vs = cand_seq[n], cand_pos[n], vals_t[n]
         for c in range(n_cand):
-            r = int(rows[c, n])
-            k, p = int(index.seq[r]), int(index.pos[r])
+            k, p = seqs[c], poss[c]
             if any(e.seq == k and abs(e.pos - p) <= cfg.ctx_before for e in kept):
                 continue
             start = max(0, p - cfg.ctx_before)
             end = min(int(index.lengths[k]), p + cfg.ctx_after + 1)
             base = int(index.starts[k])
-            kept.append(Example(k, p, float(vals[c, n]), start, full[base + start : base + end, n].numpy().copy()))
+            kept.append(Example(k, p, vs[c], start, full_np[base + start : base + end, n].copy()))
             if len(kept) == cfg.top_k:
                 break
         out.append(kept)
@@ -163,38 +165,59 @@ def _top_examples(a: torch.Tensor, index: _Index, scored: torch.Tensor, full: to
 
 
 def _histograms(a: torch.Tensor, n_bins: int, chunk: int = 8192):
+    """Counts on ``n_bins`` equal bins from each neuron's min to max, and every token's bin."""
     lo = a.min(dim=0).values
     hi = a.max(dim=0).values
     width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    counts = torch.zeros((a.shape[1], n_bins), dtype=torch.int64)
+    d = a.shape[1]
+    offsets = torch.arange(d, dtype=torch.int64) * n_bins
+    counts = torch.zeros(d * n_bins, dtype=torch.int64)
     bins = torch.empty(a.shape, dtype=torch.int16)
     for s in range(0, a.shape[0], chunk):
-        b = ((a[s : s + chunk] - lo) / width * n_bins).floor().clamp_(0, n_bins - 1).long()
-        bins[s : s + chunk] = b.to(torch.int16)
-        counts.scatter_add_(1, b.T.contiguous(), torch.ones_like(b.T, dtype=torch.int64))
-    return counts, lo, hi, bins
+        b = ((a[s : s + chunk] - lo) / width * n_bins).floor_().clamp_(0, n_bins - 1).to(torch.int64)
+        bins[s : s + chunk] = b
+        counts += torch.bincount((b + offsets).flatten(), minlength=d * n_bins)
+    return counts.view(d, n_bins), lo, hi, bins
 
 
 def _spectrum(bins: torch.Tensor, a: torch.Tensor, scored: torch.Tensor, index: _Index, cfg: NeuronsConfig, gen) -> list[np.ndarray]:
-    """Up to ``samples_per_bin`` random rows per histogram bin, per neuron."""
+    """Up to ``samples_per_bin`` rows per histogram bin, per neuron, uniformly at random.
+
+    Every token gets a random rank (one permutation shared by all neurons); each pass picks,
+    for every (neuron, bin), the unpicked token of smallest rank (``scatter_reduce`` amin), so
+    ``samples_per_bin`` passes give the first tokens of each bin in random order.
+    """
     from ..store.base import SAMPLE_DTYPE
 
     n, d = bins.shape
-    perm = torch.randperm(n, generator=gen)
+    n_bins = cfg.n_bins
+    perm = torch.randperm(n, generator=gen)  # rank -> row
+    dtype = torch.float32 if n < 2**24 else torch.float64  # ranks must be exact
+    rank = torch.empty(n, dtype=dtype)
+    rank[perm] = torch.arange(n, dtype=dtype)  # row -> rank
     out = []
-    ar = torch.arange(n)
-    for c0 in range(0, d, 128):
-        b = bins[perm, c0 : c0 + 128].long().T.contiguous()  # [chunk, n] bins in random order
-        sb, order = torch.sort(b, dim=1, stable=True)
-        first = torch.searchsorted(sb, sb, right=False)
-        keep = (ar[None, :] - first) < cfg.samples_per_bin
+    for c0 in range(0, d, 256):
+        b = bins[:, c0 : c0 + 256].T.to(torch.int64).contiguous()  # [chunk, n]
+        key = rank.expand(b.shape[0], n).clone()
+        picks = []
+        for _ in range(cfg.samples_per_bin):
+            m = torch.full((b.shape[0], n_bins), torch.inf, dtype=dtype)
+            m.scatter_reduce_(1, b, key, reduce="amin", include_self=True)
+            ok = torch.isfinite(m)
+            if not ok.any():
+                break
+            rows = perm[m.clamp(max=n - 1).long()]  # [chunk, n_bins] picked rows
+            picks.append(torch.where(ok, rows, torch.full_like(rows, -1)))
+            key.scatter_(1, rows, torch.where(ok, torch.inf, key.gather(1, rows)))
+        picked = torch.stack(picks, dim=2).view(b.shape[0], -1) if picks else torch.empty((b.shape[0], 0), dtype=torch.long)
         for j in range(b.shape[0]):
-            picked = perm[order[j][keep[j]]]
-            rows = scored[picked].numpy()
+            sel = picked[j][picked[j] >= 0]
+            sel = sel[torch.argsort(a[sel, c0 + j])]
+            rows = scored[sel].numpy()
             rec = np.empty(len(rows), dtype=SAMPLE_DTYPE)
             rec["seq"] = index.seq[rows]
             rec["pos"] = index.pos[rows]
-            rec["act"] = a[picked, c0 + j].numpy()
+            rec["act"] = a[sel, c0 + j].numpy()
             out.append(rec)
     return out
 

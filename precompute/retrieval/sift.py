@@ -23,6 +23,10 @@ Several targets (rows of ``query`` with ``weights``) minimise the weighted sum o
 variances: that is what diverse max-activating examples use (targets = the neuron's top
 examples weighted by activation).
 
+``lam`` sets the trade-off: small values let SIFT reach for examples far from the prompt that
+cancel what earlier picks got wrong; large values make it repeat the nearest neighbours (more
+weight on data it is sure about). The default 0.1 sits between; the page exposes it.
+
 The variance is a statement about a linear surrogate in the model's own embedding space, not a
 calibrated probability; it says how much of the prompt's direction the chosen examples cover.
 """
@@ -37,7 +41,7 @@ import numpy as np
 from .index import VectorIndex
 
 Method = Literal["nn", "sift"]
-DEFAULT_LAMBDA = 0.01
+DEFAULT_LAMBDA = 0.1
 DEFAULT_CANDIDATES = 200
 
 

@@ -37,6 +37,8 @@ def _import_table_modules() -> None:
     # every module that declares tables registers them on Base.metadata when imported
     from . import neurons  # noqa: F401
     from . import embeddings_tables  # noqa: F401
+    from . import heads_tables  # noqa: F401
+    from . import rules_tables  # noqa: F401
 
 
 @dataclass

@@ -154,3 +154,42 @@ def window_views(s: Session, model: str, run_id: int, windows: np.ndarray, rows)
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `precompute show retrieval` (prints what the retrieval page shows; loads the model)
+
+
+def _add_show_retrieval(p) -> None:
+    from .db import DEFAULT_DB
+
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--n", type=int, default=8, help="picks per method")
+    p.add_argument("--lam", type=float, default=None, help="SIFT noise lambda (default 0.1)")
+    p.add_argument("--candidates", type=int, default=200, help="SIFT candidates: the prompt's nearest windows")
+    p.add_argument("--run", type=int, default=None)
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--json", action="store_true", help="print JSON (the only format)")
+
+
+def _show_retrieval(args, store) -> int:
+    from ..cli import print_json
+    from ..models import load_model
+    from ..retrieval.sift import DEFAULT_LAMBDA
+    from ..retrieval.support import prompt_support
+
+    lam = DEFAULT_LAMBDA if args.lam is None else args.lam
+    with store.session() as s:
+        info = get_model(s, args.model)
+        emb = load_embeddings(s, args.model, args.run)
+        lm = load_model(info.source)
+        sup = prompt_support(s, lm, args.model, emb, args.prompt, args.n, lam, args.candidates)
+    windows = {r: dict(seq_idx=w.seq_idx, story_id=w.story_id, start=w.start, end=w.end, text=w.text)
+               for r, w in sup.windows.items()}
+    print_json(dict(run=emb.run.id, n_windows=sup.n_windows, backend=sup.backend, prompt_ids=sup.prompt_ids,
+                    selections=sup.selections, windows=windows))
+    return 0
+
+
+SHOW_RETRIEVAL = (_add_show_retrieval, _show_retrieval)

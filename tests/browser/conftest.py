@@ -46,8 +46,10 @@ CHROMIUM_ARGS = [
 BROWSER_JOBS: dict[str, list[str]] = {
     # --- issue 3: neurons (neuron pages, overview) ---
     "neurons": ["--top-k", "10"],
-    # --- heads: add e.g. "heads": [...options...], ---
-    # --- rules: add e.g. "rules": [...options...], ---
+    # --- issue 4: heads (heads overview, head pages) ---
+    "heads": ["--induction-len", "20", "--head-examples", "2"],
+    # --- issue 5: rules (rules overview, story view) ---
+    "rules": ["--ngram-corpus", str(SHARED / "corpora" / "tinystories" / "train-1097.txt"), "--rule-set", "subgram"],
 }
 # shared by every job: ~3,000 tokens in sequences of 128 (BOS included)
 BROWSER_RUN_ARGS = ["--max-tokens", "3000", "--ctx-len", "128", "--batch-size", "16"]
@@ -159,10 +161,24 @@ def page(browser):
 
 
 def screenshot(page, name: str, full_page: bool = True) -> Path:
-    """Save a PNG under test-artifacts/ (git-ignored) and return its path."""
+    """Save a PNG under test-artifacts/ (git-ignored) and return its path. Streamlit scrolls an
+    inner container, so for a full page the viewport is stretched to the content for the shot."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=full_page)
+    size = page.viewport_size
+    if full_page and size:
+        h = page.evaluate(
+            "() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+            " const c = document.querySelector('[data-testid=\"stMainBlockContainer\"]');"
+            " return Math.max(m ? m.scrollHeight : 0, c ? c.scrollHeight : 0); }"
+        )
+        page.set_viewport_size({"width": size["width"], "height": min(max(int(h) + 80, size["height"]), 12000)})
+        page.wait_for_timeout(500)  # charts re-layout to the new size
+    try:
+        page.screenshot(path=str(path), full_page=full_page)
+    finally:
+        if full_page and size:
+            page.set_viewport_size(size)
     return path
 
 

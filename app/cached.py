@@ -1,0 +1,80 @@
+"""The pages' read-only queries, cached with ``st.cache_data``.
+
+Each wrapper opens a session on the cached store and calls one query of ``precompute.store``
+(the same functions `precompute show` uses). The key includes the database URL and, for a
+SQLite file, its modification time, so a rebuilt database is never served from a stale cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from precompute.store import neurons as nq
+from precompute.store import queries as q
+
+from .state import get_store
+
+
+def db_version(url: str) -> float:
+    """Changes whenever a SQLite database file is rewritten (0 for other databases)."""
+    if url.startswith("sqlite:///"):
+        try:
+            return Path(url[len("sqlite:///") :]).stat().st_mtime
+        except OSError:
+            return 0.0
+    return 0.0
+
+
+def _session(url: str):
+    return get_store(url).session()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def list_models(url: str, v: float = 0.0) -> list[q.ModelInfo]:
+    with _session(url) as s:
+        return q.list_models(s)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def list_runs(url: str, model: str | None, v: float = 0.0) -> list[q.RunInfo]:
+    with _session(url) as s:
+        return q.list_runs(s, model)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def get_model(url: str, model: str, v: float = 0.0) -> q.ModelInfo:
+    with _session(url) as s:
+        return q.get_model(s, model)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def vocab(url: str, model: str, v: float = 0.0) -> list[str]:
+    with _session(url) as s:
+        return q.vocab(s, model)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def latest_run(url: str, model: str, job: str, v: float = 0.0) -> q.RunInfo:
+    with _session(url) as s:
+        return q.latest_run(s, model, job)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def neuron_page(url: str, model: str, layer: int, neuron: int, v: float = 0.0) -> nq.NeuronPage:
+    with _session(url) as s:
+        return nq.neuron_page(s, model, layer, neuron)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def layer_neurons(url: str, model: str, layer: int | None, v: float = 0.0) -> list[nq.NeuronSummary]:
+    with _session(url) as s:
+        return nq.layer_neurons(s, model, layer)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def neurons_for_tokens(url: str, model: str, token_ids: tuple[int, ...], limit: int = 30, v: float = 0.0):
+    """Neurons whose top tokens include any of ``token_ids`` (best mean activation first)."""
+    with _session(url) as s:
+        return nq.neurons_for_tokens(s, model, list(token_ids), limit)

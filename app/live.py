@@ -1,0 +1,51 @@
+"""Run a model live on a prompt and read one neuron: the "test this neuron" box (no Streamlit here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from precompute.hooks import neuron_acts
+from precompute.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class LiveActs:
+    ids: tuple[int, ...]  # exactly what the model saw (BOS first when prepended)
+    tokens: tuple[str, ...]
+    special: tuple[bool, ...]
+    acts: tuple[float, ...]  # this neuron's activation at every position
+    n_prompt_tokens: int  # before truncation
+    n_ctx: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.n_prompt_tokens > len(self.ids)
+
+    @property
+    def max_pos(self) -> int:
+        return max(range(len(self.acts)), key=lambda i: self.acts[i]) if self.acts else -1
+
+
+def neuron_on_ids(lm: LoadedModel, ids: list[int], layer: int, neuron: int) -> list[float]:
+    """Activation of ``layer``/``neuron`` at every position of one sequence (no truncation)."""
+    lm.check_neuron(layer, neuron)
+    x = torch.tensor([list(ids)], dtype=torch.long)
+    return neuron_acts(lm, x, [layer])[layer][0, :, neuron].float().tolist()
+
+
+def neuron_on_text(lm: LoadedModel, text: str, layer: int, neuron: int, prepend_bos: bool | None = None) -> LiveActs:
+    """Tokenize ``text`` (BOS first when ``prepend_bos``, default the model's policy), keep the first
+    ``n_ctx`` tokens and return the neuron's activation at each."""
+    ids = lm.encode(text, prepend_bos=prepend_bos)
+    n = len(ids)
+    ids = ids[: lm.n_ctx]
+    if not ids:
+        return LiveActs((), (), (), (), 0, lm.n_ctx)
+    acts = neuron_on_ids(lm, ids, layer, neuron)
+    special = lm.special_ids
+    return LiveActs(
+        ids=tuple(ids), tokens=tuple(lm.token_strs(ids)), special=tuple(i in special for i in ids),
+        acts=tuple(acts), n_prompt_tokens=n, n_ctx=lm.n_ctx,
+    )

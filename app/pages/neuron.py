@@ -1,0 +1,293 @@
+"""Neuron page: ``/neuron?model=M&layer=L&neuron=N``.
+
+Every view state is in the URL, so a copied link reopens the same view: ``page`` (examples page),
+``hyp`` + ``mode`` (hypothesis, ``list`` or ``regex``), ``log`` (log-y spectrum), ``bin`` (chosen
+spectrum bin), ``top`` (percent of the activation range counted as "top"), ``prompt`` (live test).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from app import cached, render, url
+from app.hypothesis import MODES, Hypothesis, bin_shares, explained_share
+from app.live import neuron_on_text
+from app.state import DB_URL, bad_param, get_model, param_int, store_or_stop
+from precompute.models import ModelError
+from precompute.store.queries import NotFound
+
+PAGE_SIZE = 5
+TOP_CHOICES = (5, 10, 20, 30, 50)
+
+
+@st.cache_data(show_spinner="Running the model…", max_entries=128)
+def live_acts(source: str, text: str, layer: int, neuron: int, prepend_bos: bool):
+    return neuron_on_text(get_model(source), text, layer, neuron, prepend_bos)
+
+
+def token_label(text: str, tid: int, dupes: set[str]) -> str:
+    shown, _ = render.visible_text(text)
+    shown = f"'{shown}'"
+    return f"{shown} #{tid}" if text in dupes else shown
+
+
+# -------------------------------------------------------------------------------- what to show
+store_or_stop()
+V = cached.db_version(DB_URL)
+models = cached.list_models(DB_URL, V)
+if not models:
+    bad_param("The database holds no models yet; build it with `precompute run --jobs neurons`.")
+model = url.get_str("model") or models[0].name
+try:
+    info = cached.get_model(DB_URL, model, V)
+except NotFound as e:
+    bad_param(str(e))
+layer = param_int("layer", 0, 0, info.n_layers - 1)
+neuron = param_int("neuron", 0, 0, info.d_mlp - 1)
+try:
+    p = cached.neuron_page(DB_URL, model, layer, neuron, V)
+except NotFound as e:
+    bad_param(str(e))
+S = p.stats
+# same-page links (previous/next) change the view but not the address bar: write the state back
+st.query_params.update(url.neuron_params(model, layer, neuron))
+
+# -------------------------------------------------------------------------------- header
+st.title(f"{model} · L{layer} N{neuron}")
+run = p.run
+corpus = f"{run.corpus} (synthetic: stories sampled from the model)" if run.corpus_synthetic else run.corpus
+st.caption(
+    f"Neuron {neuron} of layer {layer} (MLP hook_post; {info.d_mlp} neurons × {info.n_layers} layers). "
+    f"Neuron run {run.id}: {run.n_tokens:,} tokens scored from {corpus}; "
+    f"{'BOS prepended (never scored)' if run.prepend_bos else 'no BOS'}; {run.finished_at:%Y-%m-%d %H:%M}."
+)
+total = p.n_layers * p.d_mlp
+idx = layer * p.d_mlp + neuron
+prev_l, prev_n = divmod((idx - 1) % total, p.d_mlp)
+next_l, next_n = divmod((idx + 1) % total, p.d_mlp)
+nav = st.columns([1, 1, 1.3, 2.7])
+nav[0].page_link("pages/neuron.py", label=f"← L{prev_l} N{prev_n}", query_params=url.neuron_params(model, prev_l, prev_n))
+nav[1].page_link("pages/neuron.py", label=f"L{next_l} N{next_n} →", query_params=url.neuron_params(model, next_l, next_n))
+nav[2].page_link("pages/overview.py", label="↑ Model overview", query_params={"model": model, "layer": str(layer)})
+with nav[3].form("goto", border=False):
+    g = st.columns([1, 1, 1])
+    gl = g[0].number_input("layer", 0, info.n_layers - 1, layer, label_visibility="collapsed")
+    gn = g[1].number_input("neuron", 0, info.d_mlp - 1, neuron, label_visibility="collapsed")
+    if g[2].form_submit_button("Go to L/N"):
+        st.switch_page("pages/neuron.py", query_params=url.neuron_params(model, int(gl), int(gn)))
+
+m = st.columns(5)
+m[0].metric("max", f"{S.max:.3f}")
+m[1].metric("mean", f"{S.mean:.3f}")
+m[2].metric("std", f"{S.std:.3f}")
+m[3].metric("min", f"{S.min:.3f}")
+m[4].metric("firing (> 0)", f"{S.frac_pos:.1%}")
+link_box = st.container()  # filled at the end, once every widget has written its state to the URL
+
+# -------------------------------------------------------------------------------- examples
+st.subheader("Max-activating examples")
+n_pages = max(1, math.ceil(len(p.examples) / PAGE_SIZE))
+page_no = param_int("page", 1, 1, n_pages)
+if not p.examples:
+    st.info("This run stored no examples for this neuron.")
+else:
+    head = st.columns([3, 2])
+    head[0].html(render.legend_html(max(S.max, 1e-6)))
+    if n_pages > 1:
+        page_no = head[1].radio(
+            "page", list(range(1, n_pages + 1)), index=page_no - 1, horizontal=True,
+            format_func=lambda i: f"{(i - 1) * PAGE_SIZE + 1}-{min(i * PAGE_SIZE, len(p.examples))}",
+            label_visibility="collapsed",
+        )
+        url.sync("page", page_no, 1)
+    blocks = []
+    for e in p.examples[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]:
+        tok = e.tokens[e.max_index]
+        blocks.append(
+            f'<div class="example" style="margin:0.2em 0 0.9em 0;"><div style="font-size:0.85em;color:#444;">'
+            f"<b>#{e.rank + 1}</b> · activation <b>{e.act:.3f}</b> on {html.escape(repr(tok.text))} · "
+            f"story {e.story_id}, sequence {e.seq_idx}, position {e.pos}</div>"
+            + render.tokens_html(
+                [t.text for t in e.tokens], list(e.acts), special=[t.special for t in e.tokens],
+                vmax=max(S.max, 1e-6), highlight=e.max_index,
+            )
+            + "</div>"
+        )
+    st.html("".join(blocks))
+
+# -------------------------------------------------------------------------------- spectrum
+st.subheader("Activation spectrum")
+c = st.columns([3, 2, 1, 1])
+mode = url.get_choice("mode", MODES, "list")
+hyp_text = c[0].text_input(
+    "Hypothesis: the neuron fires on…", url.get_str("hyp"),
+    placeholder="tokens, comma-separated (dog, cat, bird) or a regex (^ [A-Z])",
+)
+mode = c[1].radio("as", list(MODES), index=list(MODES).index(mode), format_func=MODES.get, horizontal=True)
+log_y = c[2].checkbox("log y", url.get_str("log") == "1")
+top_pct = int(url.get_choice("top", [str(t) for t in TOP_CHOICES], "20"))
+top_pct = c[3].selectbox("top %", TOP_CHOICES, index=TOP_CHOICES.index(top_pct), help="share of the activation range counted as 'top bins'")
+url.sync("hyp", hyp_text, "")
+url.sync("mode", mode, "list")
+url.sync("log", "1" if log_y else None)
+url.sync("top", top_pct, 20)
+
+hyp = None
+try:
+    hyp = Hypothesis(hyp_text, mode) if hyp_text else None
+except ValueError as e:
+    st.warning(f"Hypothesis ignored: {e}")
+rows = bin_shares(p, hyp)
+long = []
+for r in rows:  # stacked by hand: "matches" from 0, "other" on top of it
+    for group, y0, y1 in (("matches hypothesis", 0.0, r.est_matching), ("other", r.est_matching, float(r.count))):
+        long.append(dict(bin=r.bin, lo=r.lo, hi=r.hi, group=group, y0=y0, y1=y1, tokens=y1 - y0, count=r.count,
+                         sampled=r.n_sampled, matching_sampled=r.n_matching))
+df = pd.DataFrame(long)
+pick = alt.selection_point(fields=["bin"], name="pick", on="click")
+yscale = alt.Scale(type="symlog") if log_y else alt.Scale()
+chart = (
+    alt.Chart(df)
+    .mark_bar()
+    .encode(
+        x=alt.X("lo:Q", title="activation", scale=alt.Scale(nice=False)),
+        x2="hi:Q",
+        y=alt.Y("y1:Q", scale=yscale, title="tokens" + (" (symlog scale)" if log_y else "")),
+        y2="y0:Q",
+        color=alt.Color("group:N", scale=alt.Scale(domain=["matches hypothesis", "other"], range=["#ff7600", "#9aa5b1"]),
+                        legend=alt.Legend(orient="top", title=None)),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
+        tooltip=[alt.Tooltip("bin:Q"), alt.Tooltip("lo:Q", format=".3f", title="from"), alt.Tooltip("hi:Q", format=".3f", title="to"),
+                 alt.Tooltip("count:Q", title="tokens in bin"), alt.Tooltip("sampled:Q", title="sampled"),
+                 alt.Tooltip("matching_sampled:Q", title="sampled matching"), alt.Tooltip("tokens:Q", format=".1f", title="estimated")],
+    )
+    .add_params(pick)
+    .properties(height=260)
+)
+event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key=f"spectrum-{model}-{layer}-{neuron}")
+st.caption(
+    f"Bars: the full histogram ({sum(p.histogram.counts):,} tokens, {len(rows)} bins). The colour split is estimated "
+    "from the stored sample of up to 10 random tokens per bin: each sampled token stands for count / n_sampled "
+    "tokens of its bin (exact where a bin has no more tokens than its sample). Click a bar to list its sample."
+)
+
+nonempty = [r.bin for r in rows if r.count > 0]
+default_bin = nonempty[-1] if nonempty else 0
+chosen = param_int("bin", default_bin, 0, len(rows) - 1)
+clicked = (getattr(event, "selection", None) or {}).get("pick") or []
+clicked_bin = int(clicked[0]["bin"]) if clicked and "bin" in clicked[0] else None
+if url.new_selection(f"spectrum-{model}-{layer}-{neuron}", clicked_bin) is not None:
+    chosen = clicked_bin
+
+if hyp is not None:
+    ex = explained_share(p, hyp, top_pct / 100)
+    share = "no tokens" if ex.share is None else f"{ex.share:.0%}"
+    st.metric(
+        f"Share of the top {top_pct}% of the activation range (≥ {ex.threshold:.3f}) explained by the hypothesis",
+        share,
+        help=f"{ex.n_tokens:,} tokens in those bins; {ex.n_matching_sampled} of {ex.n_sampled} sampled tokens match, "
+        "weighted by their bins' counts.",
+    )
+
+labels = {r.bin: f"bin {r.bin}: {r.lo:.3f} to {r.hi:.3f} · {r.count:,} tokens, {r.n_sampled} sampled" for r in rows}
+opts = nonempty or [0]
+chosen = chosen if chosen in opts else default_bin
+chosen = st.selectbox("Sampled tokens of bin", opts, index=opts.index(chosen) if chosen in opts else 0, format_func=labels.get)
+url.sync("bin", chosen, default_bin)
+samples = sorted((smp for smp in p.spectrum if smp.bin == chosen), key=lambda smp: -smp.act)
+if samples:
+    lines = []
+    for smp in samples:
+        flag = " ✓" if hyp is not None and hyp.matches(smp.token.text) else ""
+        lines.append(
+            f'<div class="sample" style="margin:2px 0;"><span style="display:inline-block;width:5.5em;color:#444;">'
+            f"{smp.act:+.3f}{flag}</span>{render.context_html(smp.context, smp.token.text)}</div>"
+        )
+    st.html("".join(lines))
+else:
+    st.caption("No tokens in this bin.")
+
+# -------------------------------------------------------------------------------- logits, tokens
+left, right = st.columns(2)
+with left:
+    st.subheader("Direct logit effects")
+    effects = [("promotes", t) for t in p.logit_top] + [("suppresses", t) for t in p.logit_bottom]
+    texts = [t.token.text for _, t in effects]
+    dupes = {x for x in texts if texts.count(x) > 1}
+    ldf = pd.DataFrame(
+        [dict(token=token_label(t.token.text, t.token.id, dupes), id=t.token.id, effect=t.value, kind=k) for k, t in effects]
+    )
+    if len(ldf):
+        lchart = (
+            alt.Chart(ldf)
+            .mark_bar()
+            .encode(
+                y=alt.Y("token:N", sort=alt.EncodingSortField("effect", order="descending"), title=None,
+                        axis=alt.Axis(labelOverlap=False, labelLimit=160, labelFontSize=12)),
+                x=alt.X("effect:Q", title="logit effect (W_out[n] · W_U)"),
+                color=alt.Color("kind:N", scale=alt.Scale(domain=["promotes", "suppresses"], range=["#ff7600", "#2870ff"]),
+                                legend=None),
+                tooltip=["token", "id", alt.Tooltip("effect:Q", format=".4f")],
+            )
+            .properties(height=max(200, 20 * len(ldf)))
+        )
+        st.altair_chart(lchart, width="stretch")
+        st.caption("Direct path only: the neuron's output direction times the unembedding (final norm scale folded in).")
+with right:
+    st.subheader("Top tokens by mean activation")
+    if p.top_tokens:
+        st.dataframe(
+            pd.DataFrame(
+                [dict(token=f"'{render.visible_text(t.token.text)[0]}'", id=t.token.id, mean=t.value, count=t.count) for t in p.top_tokens]
+            ),
+            hide_index=True,
+            column_config={"mean": st.column_config.NumberColumn("mean activation", format="%.3f"),
+                           "count": st.column_config.NumberColumn("times seen")},
+        )
+        st.caption(f"Tokens seen at least {run.params.get('min_token_count', 3)} times in the corpus.")
+    else:
+        st.caption("No token was seen often enough.")
+
+# -------------------------------------------------------------------------------- live test
+st.subheader("Test this neuron")
+with st.form("live"):
+    prompt = st.text_area("Prompt", url.get_str("prompt"), placeholder="Once upon a time, there was a little dog…", height=90)
+    submitted = st.form_submit_button("Run")
+url.sync("prompt", prompt, "")
+if prompt:
+    try:
+        live = live_acts(info.source, prompt, layer, neuron, run.prepend_bos)
+    except ModelError as e:
+        st.error(f"Cannot run {model} live: {e}")
+        live = None
+    if live is not None and live.acts:
+        if live.truncated:
+            st.warning(
+                f"The prompt is {live.n_prompt_tokens:,} tokens; {model}'s context is {live.n_ctx}, "
+                f"so only the first {live.n_ctx} are used."
+            )
+        mp = live.max_pos
+        vmax = max([S.max] + [abs(a) for a in live.acts]) or 1.0
+        st.markdown(
+            f"Max activation **{live.acts[mp]:.3f}** at position **{mp}** (token `{render.visible_text(live.tokens[mp])[0]}`)"
+            f"{' · position 0 is BOS' if live.special and live.special[0] else ''} · corpus max {S.max:.3f}."
+        )
+        st.html('<div class="live">' + render.tokens_html(list(live.tokens), list(live.acts), special=list(live.special), vmax=vmax, highlight=mp) + "</div>")
+        with st.expander("Values per token"):
+            st.dataframe(
+                pd.DataFrame(dict(position=range(len(live.ids)), token=[render.visible_text(t)[0] for t in live.tokens],
+                                  id=live.ids, activation=live.acts)),
+                hide_index=True,
+            )
+    elif live is not None:
+        st.caption("The prompt has no tokens.")
+
+# -------------------------------------------------------------------------------- the link
+with link_box:
+    st.caption("Link to this view (copy it with the button at its right):")
+    st.code(url.full_url("neuron"), language=None)

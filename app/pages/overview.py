@@ -1,0 +1,161 @@
+"""Home: the models and complete runs in the database, and every neuron of a model at a glance.
+
+URL: ``?model=M&layer=L&stat=max&q=dog`` (all optional).
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from app import cached, render, url
+from app.state import DB_URL, bad_param, param_int, store_or_stop
+from precompute.store.db import DEFAULT_DB
+from precompute.store.neurons import match_tokens
+from precompute.store.queries import NotFound
+
+STATS = {"max": "max activation", "mean": "mean activation", "std": "standard deviation", "frac_pos": "fraction firing (> 0)"}
+
+
+def build_command(jobs: str = "neurons") -> str:
+    db = "" if DB_URL == DEFAULT_DB else f" --db {DB_URL}"
+    return f"precompute run --model <folder or hub id> --corpus <text file>{db} --jobs {jobs}"
+
+
+store_or_stop()
+V = cached.db_version(DB_URL)
+models = cached.list_models(DB_URL, V)
+st.title("tinyscope")
+if not models:
+    st.info("The database is empty. Build it (the bundled model and stories sampled from it when no options are given):")
+    st.code(build_command(), language="bash")
+    st.stop()
+
+# -------------------------------------------------------------------------------- models
+st.subheader("Models")
+st.dataframe(
+    pd.DataFrame(
+        [dict(model=m.name, architecture=m.architecture, parameters=m.n_params, layers=m.n_layers, heads=m.n_heads,
+              d_model=m.d_model, neurons_per_layer=m.d_mlp, vocab=m.vocab_size, context=m.n_ctx, source=m.source)
+         for m in models]
+    ),
+    hide_index=True,
+    column_config={"parameters": st.column_config.NumberColumn(format="localized")},
+)
+names = [m.name for m in models]
+model = url.get_str("model") or names[0]
+if model not in names:
+    try:
+        cached.get_model(DB_URL, model, V)
+    except NotFound as e:
+        bad_param(str(e))
+model = st.selectbox("Model", names, index=names.index(model))
+url.sync("model", model, names[0])
+info = next(m for m in models if m.name == model)
+
+with st.expander(f"Model card: {model}"):
+    st.markdown(info.card if info.card.strip() else f"_No model card (README.md) in {info.source}._")
+
+runs = cached.list_runs(DB_URL, model, V)
+st.markdown(f"**Complete runs of {model}**")
+if runs:
+    st.dataframe(
+        pd.DataFrame(
+            [dict(run=r.id, job=r.job,
+                  corpus=r.corpus + ("  (synthetic: sampled from the model)" if r.corpus_synthetic else ""),
+                  tokens=r.n_tokens, sequences=r.n_sequences, BOS="prepended" if r.prepend_bos else "no",
+                  finished=r.finished_at, code=r.code_version) for r in runs]
+        ),
+        hide_index=True,
+        column_config={"tokens": st.column_config.NumberColumn("tokens scored", format="localized"),
+                       "finished": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")},
+    )
+if not any(r.job == "neurons" for r in runs):
+    st.info(f"No complete neuron run for {model}. Build one with:")
+    st.code(build_command().replace("<folder or hub id>", info.source), language="bash")
+    st.stop()
+
+# -------------------------------------------------------------------------------- search
+st.subheader("Neurons")
+q = st.text_input("Find neurons that fire most on a token", url.get_str("q"), placeholder="dog")
+url.sync("q", q, "")
+if q.strip():
+    voc = cached.vocab(DB_URL, model, V)
+    ids = match_tokens(voc, q)
+    if not ids:
+        st.warning(f"No token of {model}'s vocabulary is {q.strip()!r} (with or without a leading space).")
+    else:
+        hits = cached.neurons_for_tokens(DB_URL, model, tuple(ids), 30, V)
+        shown = ", ".join(f"'{render.visible_text(voc[i])[0]}' (#{i})" for i in ids)
+        if not hits:
+            st.info(f"No neuron has {shown} among its top tokens by mean activation.")
+        else:
+            st.caption(f"Neurons with {shown} among their top tokens, by that token's mean activation:")
+            st.dataframe(
+                pd.DataFrame(
+                    [dict(neuron=f"L{s.layer} N{s.neuron}", link=url.neuron_link(model, s.layer, s.neuron),
+                          token=f"'{render.visible_text(voc[t])[0]}'", token_mean=m, max=s.max, mean=s.mean,
+                          top_tokens=" ".join(f"'{render.visible_text(x)[0]}'" for x in s.top_tokens)) for s, m, t in hits]
+                ),
+                hide_index=True,
+                column_config={"link": st.column_config.LinkColumn("open", display_text="open ↗"),
+                               "token_mean": st.column_config.NumberColumn("mean on token", format="%.3f"),
+                               "max": st.column_config.NumberColumn(format="%.3f"),
+                               "mean": st.column_config.NumberColumn(format="%.3f")},
+            )
+
+# -------------------------------------------------------------------------------- chart
+stat = url.get_choice("stat", STATS, "max")
+stat = st.selectbox("Chart statistic", list(STATS), index=list(STATS).index(stat), format_func=STATS.get)
+url.sync("stat", stat, "max")
+all_n = cached.layer_neurons(DB_URL, model, None, V)
+cdf = pd.DataFrame([dict(layer=s.layer, neuron=s.neuron, value=getattr(s, stat),
+                         top=" ".join(s.top_tokens[:3])) for s in all_n])
+pick = alt.selection_point(fields=["layer", "neuron"], name="pick", on="click")
+heat = (
+    alt.Chart(cdf)
+    .mark_rect()
+    .encode(
+        x=alt.X("neuron:O", axis=alt.Axis(labels=False, ticks=False), title=f"neuron (0-{info.d_mlp - 1})"),
+        y=alt.Y("layer:O", title="layer"),
+        color=alt.Color("value:Q", title=stat, scale=alt.Scale(scheme="oranges")),
+        tooltip=["layer", "neuron", alt.Tooltip("value:Q", format=".3f", title=STATS[stat]), alt.Tooltip("top:N", title="top tokens")],
+    )
+    .add_params(pick)
+    .properties(height=28 * info.n_layers + 40)
+)
+ev = st.altair_chart(heat, on_select="rerun", selection_mode="pick", key=f"heat-{model}-{stat}")
+st.caption("Click a cell to open that neuron.")
+sel = url.new_selection(f"heat-{model}-{stat}", (getattr(ev, "selection", None) or {}).get("pick") or [])
+if sel and "layer" in sel[0] and "neuron" in sel[0]:
+    st.switch_page("pages/neuron.py", query_params=url.neuron_params(model, int(sel[0]["layer"]), int(sel[0]["neuron"])))
+
+# -------------------------------------------------------------------------------- layer table
+layer = param_int("layer", 0, 0, info.n_layers - 1)
+layer = st.selectbox("Layer", list(range(info.n_layers)), index=layer)
+url.sync("layer", layer, 0)
+rows = [s for s in all_n if s.layer == layer]
+tdf = pd.DataFrame(
+    [dict(neuron=s.neuron, link=url.neuron_link(model, s.layer, s.neuron), max=s.max, mean=s.mean, std=s.std,
+          firing=s.frac_pos, top_tokens=" ".join(f"'{render.visible_text(x)[0]}'" for x in s.top_tokens)) for s in rows]
+).sort_values("max", ascending=False)
+table = st.dataframe(
+    tdf,
+    hide_index=True,
+    on_select="rerun",
+    selection_mode="single-row",
+    key=f"table-{model}-{layer}",
+    column_config={
+        "link": st.column_config.LinkColumn("open", display_text="open ↗"),
+        "max": st.column_config.NumberColumn(format="%.3f"),
+        "mean": st.column_config.NumberColumn(format="%.3f"),
+        "std": st.column_config.NumberColumn(format="%.3f"),
+        "firing": st.column_config.ProgressColumn("fraction firing", format="percent", min_value=0.0, max_value=1.0),
+    },
+)
+st.caption("Click a column header to sort; select a row (or click open ↗) to open the neuron.")
+chosen_rows = url.new_selection(f"table-{model}-{layer}", (getattr(table, "selection", None) or {}).get("rows") or [])
+if chosen_rows:
+    n = int(tdf.iloc[chosen_rows[0]]["neuron"])
+    st.switch_page("pages/neuron.py", query_params=url.neuron_params(model, layer, n))

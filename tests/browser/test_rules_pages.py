@@ -1,0 +1,71 @@
+"""The rules overview and the story view (stored and live) in a real browser."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import MODEL
+
+pytestmark = pytest.mark.browser
+
+
+def _story(browser_db, seq):
+    from precompute.store.db import open_store
+    from precompute.store.rules_tables import rules_overview, rules_story
+
+    with open_store(browser_db, create=False).session() as s:
+        return rules_overview(s, MODEL), rules_story(s, MODEL, seq)
+
+
+def test_rules_overview(app, browser_db):
+    ov, _ = _story(browser_db, 0)
+    app.open(f"/rules?model={MODEL}", ".vega-embed")
+    page = app.page
+    page.wait_for_selector(".vega-embed canvas, .vega-embed svg", state="visible")
+    content = page.content()
+    assert f"{100 * ov.agreement:.1f}%" in content and f"{100 * ov.model_top1:.1f}%" in content
+    assert "do not explain" in content
+    assert page.locator(".vega-embed").count() == 3
+    app.screenshot("rules_overview")
+
+
+def test_story_view_selects_a_token(app, browser_db):
+    ov, st_ = _story(browser_db, 1)
+    m = next(x for x in st_.matches[8:] if x.optimal is not None and "+" in x.optimal.template and x.support > 1)
+    app.open(f"/story?model={MODEL}&story=1&pos={m.pos}", ".rule")
+    page = app.page
+    content = page.content()
+    # every token of the stored sequence is shown, the selected one outlined
+    assert page.locator(".tokens .tok").count() == len(st_.tokens)
+    assert page.locator(".tokens .tok-max").count() == 1
+    assert f"Optimal rule <code>{m.optimal.template}</code>" in content or m.optimal.template in page.inner_text("body")
+    assert f"support <strong>{m.support:,}</strong>" in content
+    kept = page.locator(".rule .rule-kept").count()
+    assert kept == m.optimal.template.count("+")
+    assert page.locator(".rule del.rule-dropped").count() == m.optimal.template.count("-")
+    # side-by-side bars: model and rule
+    assert page.locator(".vega-embed").count() == 2
+    assert page.locator('[data-testid="stDataFrame"]').count() == 1
+    app.screenshot("rules_story")
+
+    # pick another token from the selector: URL and details follow
+    other = next(x for x in st_.matches if x.pos > m.pos + 3 and x.optimal is not None)
+    page.get_by_label("Token (the prediction of it, made at the previous position)").click()
+    page.keyboard.type(f"{other.pos}:")
+    page.keyboard.press("Enter")
+    app.wait(f'h3:has-text("position {other.pos}")')
+    assert f"pos={other.pos}" in page.url
+    assert f"support <strong>{other.support:,}</strong>" in page.content()
+
+
+def test_story_view_live_prompt(app, browser_db):
+    app.open(f"/story?model={MODEL}&prompt=Once%20upon%20a%20time%2C%20there%20was%20a%20little%20girl.", ".rule")
+    page = app.page
+    assert page.locator(".tokens .tok").count() >= 10
+    assert page.locator(".vega-embed").count() == 2
+    app.screenshot("rules_live")
+
+
+def test_story_view_bad_story(app, browser_db):
+    app.open(f"/story?model={MODEL}&story=9999")
+    assert "out of range" in app.page.content()
