@@ -50,6 +50,7 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], stop_after: int | None = Non
     """
     handles = []
     n_heads = lm.n_heads
+    lm.lock.acquire()  # released in finally: hooks live only while this thread holds the model
 
     def mlp_pre(fn):
         def hook(module, args):
@@ -90,12 +91,13 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], stop_after: int | None = Non
     finally:
         for h in handles:
             h.remove()
+        lm.lock.release()
 
 
 def forward_until(lm: LoadedModel, ids: Tensor, **kwargs):
     """Run the model; returns its output, or None when a hook stopped it early."""
     try:
-        return lm.model(input_ids=ids.to(lm.device), **kwargs)
+        return lm.forward(ids, **kwargs)
     except StopForward:
         return None
 
@@ -120,5 +122,5 @@ def neuron_acts(lm: LoadedModel, ids: Tensor, layers: list[int] | None = None) -
 @torch.inference_mode()
 def run_with_patterns(lm: LoadedModel, ids: Tensor):
     """Logits [batch, pos, vocab] and attention patterns {layer: [batch, head, q_pos, k_pos]}."""
-    out = lm.model(input_ids=ids.to(lm.device), output_attentions=True)
+    out = lm.forward(ids, output_attentions=True)
     return out.logits, {i: a for i, a in enumerate(out.attentions)}

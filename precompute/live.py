@@ -38,18 +38,13 @@ ABLATION_MODES: dict[AblationMode, str] = {
     "mean": "set to its mean at every position",
 }
 N_TOP_NEURONS = 5
-_LOCK_GUARD = threading.Lock()
 
 
 def model_lock(lm: LoadedModel) -> threading.RLock:
-    """One lock per loaded model. Hooks live on the shared module objects, so two threads (two
-    Streamlit sessions or overlapping reruns using one cached model) must not interleave a hooked
-    forward pass: one thread's intervention would leak into the other's "clean" run."""
-    with _LOCK_GUARD:
-        lock = lm.__dict__.get("_forward_lock")
-        if lock is None:
-            lock = lm.__dict__["_forward_lock"] = threading.RLock()
-    return lock
+    """The model's own lock (``LoadedModel.lock``): hooks live on the shared module objects, so
+    two threads (two Streamlit sessions using one cached model) must not interleave a hooked
+    forward pass, or one thread's intervention leaks into the other's "clean" run."""
+    return lm.lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +254,7 @@ def continue_text(
             stopped = "context full"
             break
         with model_lock(lm):
-            out = lm.model(input_ids=step_in.to(lm.device), past_key_values=past, use_cache=True)
+            out = lm.forward(step_in, past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float().cpu()
         p1 = torch.softmax(logits, -1)
@@ -455,7 +450,7 @@ def ablate(
         captured["x"] = x.detach().clone()
 
     with model_lock(lm), hooked(lm, {name: capture}):
-        clean = lm.model(input_ids=ids.to(lm.device)).logits[0].float()
+        clean = lm.forward(ids).logits[0].float()
 
     mean_source = None
     value: Tensor | float | None = None
@@ -478,7 +473,7 @@ def ablate(
         return x
 
     with model_lock(lm), hooked(lm, {name: intervene}):
-        ablated = lm.model(input_ids=ids.to(lm.device)).logits[0].float()
+        ablated = lm.forward(ids).logits[0].float()
 
     return AblationResult(
         kind=kind, layer=layer, index=index, mode=mode,

@@ -9,6 +9,7 @@ and Llama ``mlp.down_proj`` (for gated MLPs this is ``act(gate(x)) * up(x)``).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -97,6 +98,9 @@ class LoadedModel:
     device: str = "cpu"
     prepend_bos: bool = True
     _display: list[str] | None = field(default=None, repr=False)
+    # One model object is shared by every app session (threads): hooks and forward passes hold
+    # this lock, so one session's hooks never act on another session's forward pass.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     # -- shapes -----------------------------------------------------------------------------
     @property
@@ -242,10 +246,15 @@ class LoadedModel:
         return [vocab[int(i)] if 0 <= int(i) < len(vocab) else f"<{int(i)}>" for i in ids]
 
     # -- running ----------------------------------------------------------------------------
+    def forward(self, ids: Tensor, **kwargs):
+        """The HF forward pass on token ids [batch, pos], holding the model's lock."""
+        with self.lock:
+            return self.model(input_ids=ids.to(self.device), **kwargs)
+
     @torch.inference_mode()
     def logits(self, ids: Tensor) -> Tensor:
         """Logits for a batch of token ids [batch, pos] -> [batch, pos, d_vocab]."""
-        return self.model(input_ids=ids.to(self.device)).logits
+        return self.forward(ids).logits
 
 
 def _resolve_model_id(model_id: str) -> str:

@@ -24,9 +24,25 @@ TEXT = "Once upon a time, there was a little girl named Lily. She liked to play 
 LAB = str(Path(__file__).resolve().parent.parent / "app" / "pages" / "lab.py")
 
 
-@pytest.fixture(params=["lm260k", "bundled_lm"])
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, stories260k_path):
+    """A random 2-layer GPT-2 (HF Conv1D weights, learned positions) with stories260K's tokenizer,
+    so the GPT-2 code paths are tested before the bundled GPT-2 model exists."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from precompute.models import load_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    cfg = GPT2Config(vocab_size=512, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(stories260k_path).save_pretrained(folder)
+    return load_model(str(folder))
+
+
+@pytest.fixture(params=["lm260k", "tiny_gpt2", "bundled_lm"])
 def lm(request):
-    """stories260K (Llama, sentencepiece) and, once it exists, the bundled GPT-2 model."""
+    """stories260K (Llama, sentencepiece), a random GPT-2 and, once it exists, the bundled GPT-2 model."""
     return request.getfixturevalue(request.param)
 
 
@@ -110,9 +126,10 @@ def test_neuron_activations_equal_a_plain_pre_hook_on_the_mlp_output(lm):
         got = torch.gather(acts[l], 1, torch.from_numpy(a.neuron_ids[l]))  # the reported ids have those values
         np.testing.assert_allclose(got.numpy(), a.neuron_acts[l], rtol=1e-4, atol=1e-5)
     hits = a.neurons(4)
-    assert len(hits) == lm.n_layers and hits[2][0].layer == 2
-    assert hits[2][0].act == pytest.approx(float(acts[2][4].max()), rel=1e-4)
-    assert hits[2][0].neuron == int(acts[2][4].argmax())
+    last = lm.n_layers - 1
+    assert len(hits) == lm.n_layers and hits[last][0].layer == last
+    assert hits[last][0].act == pytest.approx(float(acts[last][4].max()), rel=1e-4)
+    assert hits[last][0].neuron == int(acts[last][4].argmax())
 
 
 def test_attention_patterns_equal_plain_output_attentions(lm):

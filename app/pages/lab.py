@@ -487,7 +487,8 @@ def _intervention(lm, name: str, source: str, text: str, a, pos: int, suffix: st
     m = st.columns(3)
     an = r.actual_next(pos)
     if an is not None:
-        m[0].metric(f"Δ log p(next {an.text!r})", f"{an.d_logprob:+.4f}",
+        d = an.d_logprob
+        m[0].metric(f"Δ log p(next {an.text!r})", f"{d:+.4f}" if abs(d) >= 1e-3 or d == 0 else f"{d:+.1e}",
                     help="log-probability of the actual next token after the selected position: ablated minus clean")
     m[1].metric("mean Δ loss", f"{r.mean_loss_change:+.4f}" if r.mean_loss_change is not None else "-",
                 help="mean change of the loss on the actual next tokens over the whole prompt; positive: the ablation hurts")

@@ -136,7 +136,7 @@ def pool_ids(lm: LoadedModel, ids, spans: list[tuple[int, int]] | None = None, b
         spans = [(first, len(ids))]
     x = torch.tensor([ids], dtype=torch.long, device=lm.device)
     with _FinalNorm(lm) as cap:
-        lm.model(input_ids=x)
+        lm.forward(x)
     h = cap.out[0].float().cpu().numpy()
     return np.stack([h[s:e].mean(0) for s, e in spans])
 
@@ -156,7 +156,7 @@ def run(lm: LoadedModel, seqs: Sequences, cfg: EmbeddingsConfig = EmbeddingsConf
         by_seq.setdefault(int(k), []).append(r)
     with _FinalNorm(lm) as cap, tqdm(total=seqs.n_tokens, desc="embeddings", unit="tok", unit_scale=True) as bar:
         for b in batches(seqs, cfg.batch_size):
-            lm.model(input_ids=b.ids.to(lm.device))
+            lm.forward(b.ids)
             h = cap.out.float().cpu()
             for i, k in enumerate(b.seq_idx):
                 rows = by_seq.get(int(k), [])

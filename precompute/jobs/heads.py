@@ -164,7 +164,7 @@ def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None
     B, H, T, _ = A.shape
     A = A.float().mul_(m["qmask"])  # rows of unscored queries -> 0
     w = _diag_sums(A.sum(0), m)  # [H, T(d)]
-    w2 = _diag_sums(A.square().sum(0), m)
+    w2 = _diag_sums(torch.einsum("bhqk,bhqk->hqk", A, A), m)  # sum over the batch of A^2
     acc.w[:, :T] += w
     acc.n[:T] += m["n_seen"]
     bos = A[..., 0].double().cpu()  # [B, H, q]: weight on key 0, which sits at distance d = q
@@ -176,7 +176,7 @@ def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None
         acc.w_nb[:, :T] += w
         acc.w2_nb[:, :T] += w2
         acc.n_nb[:T] += m["n_seen"]
-    acc.ent -= torch.special.xlogy(A, A).sum((0, 2, 3)).double().cpu()
+    acc.ent += torch.special.entr(A).sum((0, 2, 3)).double().cpu()  # entr(x) = -x ln x, 0 at 0
     acc.first += bos.sum((0, 2))
     b, q, k = m["dup_pairs"]
     acc.dup += A[b, :, q, k].sum(0).double().cpu()  # A[b, :, q, k] is [n_pairs, H]
@@ -216,7 +216,7 @@ def induction_scores(lm: LoadedModel, half: int, batch: int, seed: int) -> dict[
     """{layer: [n_heads]} mean weight from each second-half token to the token after its earlier copy."""
     ids = induction_tokens(lm, half, batch, seed)
     off = ids.shape[1] - 2 * half  # 1 with BOS, else 0
-    out = lm.model(input_ids=ids.to(lm.device), output_attentions=True)
+    out = lm.forward(ids, output_attentions=True)
     q = torch.arange(off + half, off + 2 * half)
     k = q - half + 1
     return {l: a[:, :, q, k].float().mean((0, 2)).cpu().double().numpy() for l, a in enumerate(out.attentions)}
@@ -237,7 +237,7 @@ def run(lm: LoadedModel, seqs: Sequences, cfg: HeadsConfig = HeadsConfig()) -> H
         for b in batches(seqs, cfg.batch_size):
             ids = b.ids.to(lm.device)
             masks = _masks(ids, b.lengths, first)
-            out = lm.model(input_ids=ids, output_attentions=True)
+            out = lm.forward(ids, output_attentions=True)
             for l in layers:
                 A = out.attentions[l]  # [B, H, T, T] on the model's device; reduced there
                 for r, (k, n) in enumerate(zip(b.seq_idx, b.lengths)):
@@ -287,5 +287,5 @@ def head_pattern(lm: LoadedModel, ids: list[int], layer: int, head: int) -> np.n
     lm.check_head(layer, head)
     if not ids:
         return np.zeros((0, 0), np.float32)
-    out = lm.model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=lm.device), output_attentions=True)
+    out = lm.forward(torch.tensor([list(ids)], dtype=torch.long), output_attentions=True)
     return out.attentions[layer][0, head].float().cpu().numpy()

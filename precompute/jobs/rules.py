@@ -87,7 +87,7 @@ def load_index(lm: LoadedModel, cfg: RulesConfig) -> NgramIndex:
 @torch.inference_mode()
 def model_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     """Next-token distributions [batch, pos, vocab] (float32)."""
-    logits = lm.model(input_ids=ids.to(lm.device)).logits
+    logits = lm.forward(ids).logits
     return torch.softmax(logits.float(), dim=-1).cpu()
 
 

@@ -82,28 +82,31 @@ class PatternTable:
         """Segment of each key, -1 where the query never occurs."""
         if len(self.keys) == 0:
             return np.full(len(keys), -1, dtype=np.int64)
-        i = np.searchsorted(self.keys, keys)
-        i = np.minimum(i, len(self.keys) - 1)
-        return np.where(self.keys[i] == keys, i, -1).astype(np.int64)
+        order = np.argsort(keys)  # sorted needles search ~4x faster (numpy reuses the last bound)
+        ks = keys[order]
+        i = np.minimum(np.searchsorted(self.keys, ks), len(self.keys) - 1)
+        out = np.empty(len(keys), dtype=np.int64)
+        out[order] = np.where(self.keys[i] == ks, i, -1)
+        return out
 
     def count_of(self, seg: np.ndarray, tok: np.ndarray) -> np.ndarray:
         """How often token ``tok`` follows segment ``seg``'s query (seg >= 0)."""
         lo = self.starts[seg]
         hi = self.starts[seg + 1]
+        tok = np.asarray(tok).astype(self.next.dtype, copy=False)
+        # vectorised branchless lower bound inside each segment (sorted by token, never empty):
+        # the answer stays in [lo, lo + n) while n shrinks to 1
+        n = hi - lo
+        while len(n) and n.max() > 1:
+            half = n >> 1
+            mid = lo + half
+            lo = np.where(self.next[mid] < tok, mid, lo)
+            n -= half
+        lo = lo + (self.next[lo] < tok)
         out = np.zeros(len(seg), dtype=np.int64)
-        # binary search inside each segment, vectorised (segments are sorted by token)
-        a, b = lo.copy(), hi.copy()
-        while True:
-            act = a < b
-            if not act.any():
-                break
-            mid = (a + b) // 2
-            v = np.where(act, self.next[np.minimum(mid, len(self.next) - 1)], 0)
-            go_right = act & (v < tok)
-            a = np.where(go_right, mid + 1, a)
-            b = np.where(act & ~go_right, mid, b)
-        hit = (a < hi) & (self.next[np.minimum(a, len(self.next) - 1)] == tok)
-        out[hit] = self.count[a[hit]]
+        hit = np.nonzero(lo < hi)[0]
+        hit = hit[self.next[lo[hit]] == tok[hit]]
+        out[hit] = self.count[lo[hit]]
         return out
 
     def nbytes(self) -> int:

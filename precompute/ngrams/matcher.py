@@ -13,6 +13,25 @@ The optimal rule is the defined rule with the smallest distance; ties (within 1e
 earliest rule in the set's order. Top-1 agreement = 1/|A| when the model's argmax is in the
 optimal rule's argmax set A, else 0. The stupid-backoff baseline is the longest suffix rule
 (``+``*n) with support; it is chosen without looking at the model.
+
+Pruning (exact). Only the smallest distance of each rule length matters (the optimal rule, the best
+rule of each length and the optimum among lengths <= N all pick among distances within TIE_TOL of
+a per-length minimum). A rule whose query has many distinct next tokens ("long" segments: most of
+the work in R_all, e.g. ``+******``) is therefore first *bounded*, and its distance is only
+computed when the bound says it may be within TIE_TOL of the best of its length. With ``A`` the
+model's top-j tokens (looked up in the segment one per round, j = 1..BOUND_TOKENS):
+
+- variational: ``d = sum_t (p_t - q_t)+`` (same value as ``sum_t (q_t - p_t)+``, both sum to 1), so
+  ``lb = sum_{t in A} (p_t - q_t)+ <= d <= lb + p(not A) = ub`` (each term outside A is <= p_t);
+- linf: ``lb = max_{t in A} |p_t - q_t| <= d <= max(lb, max_{t not in A} p_t, max_t q_t) = ub``.
+
+A rule is dropped (distance left at +inf) when ``lb > best + TIE_TOL + PRUNE_MARGIN``, ``best``
+being the smallest exact distance or upper bound of another rule of the same length at that
+position. Then its true distance exceeds the length's minimum by more than TIE_TOL, so it can
+be neither optimal nor tied with the optimum (for any length prefix either: a prefix minimum is
+<= each length's minimum). PRUNE_MARGIN (1e-10, far above float64 rounding of sums of <= V terms
+and far below any distance gap that matters) absorbs rounding, so every kept distance is computed
+exactly as before and the results are bit-for-bit those of the unpruned computation.
 """
 
 from __future__ import annotations
@@ -32,6 +51,9 @@ DISTANCES: dict[str, str] = {
 }
 TIE_TOL = 1e-9
 DENSE_FRACTION = 0.5  # segments with at least this fraction of the vocabulary are compared densely
+LONG_SEGMENT = 16  # segments with at least this many distinct next tokens are bounded before computed
+BOUND_TOKENS = 8  # at most this many of the model's top tokens are looked up for the bounds
+PRUNE_MARGIN = 1e-10  # float rounding allowance of the pruning test (see the module doc)
 
 
 @dataclass
@@ -88,12 +110,12 @@ def contexts_of(ids: np.ndarray, bos_id: int | None, first: int = 0) -> tuple[np
 
 
 def _expand(tab: PatternTable, seg: np.ndarray):
-    """Entries of segments ``seg``: (pair index per entry, entry index)."""
-    lens = tab.starts[seg + 1] - tab.starts[seg]
+    """Entries of segments ``seg``: (pair index per entry, entry index, segment lengths)."""
+    lo = tab.starts[seg]
+    lens = tab.starts[seg + 1] - lo
     tot = int(lens.sum())
     pair = np.repeat(np.arange(len(seg)), lens)
-    first = np.cumsum(lens) - lens
-    ent = np.arange(tot) - np.repeat(first, lens) + np.repeat(tab.starts[seg], lens)
+    ent = np.arange(tot) + np.repeat(lo - (np.cumsum(lens) - lens), lens)
     return pair, ent, lens
 
 
@@ -106,9 +128,9 @@ def _distances(tab: PatternTable, seg: np.ndarray, rows: np.ndarray, P: np.ndarr
     sp = np.nonzero(~dense)[0]
     if len(sp):
         s, rr = seg[sp], rows[sp]
-        pair, ent, _ = _expand(tab, s)
-        q = tab.count[ent] / tab.support[s][pair]
-        p = P[rr[pair], tab.next[ent]]
+        pair, ent, lens = _expand(tab, s)
+        q = tab.count[ent] / np.repeat(tab.support[s], lens)
+        p = P.ravel()[np.repeat(rr * V, lens) + tab.next[ent]]
         if kind == "variational":
             out[sp] = np.bincount(pair, weights=np.maximum(q - p, 0.0), minlength=len(s))
         else:
@@ -203,29 +225,11 @@ class Matcher:
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(P, top, 1), axis=1, kind="stable"), 1)
             amax = P.argmax(1)
             top[:, 0] = np.where(np.take_along_axis(P, top[:, :1], 1)[:, 0] == P[np.arange(C), amax], top[:, 0], amax)
-            D = np.full((C, R), np.inf)
             SEG = np.full((C, R), -1, dtype=np.int64)
-            for offsets, rs in self.groups.items():
-                tab = self.index.table(offsets)
-                rows_l, r_l, key_l = [], [], []
-                for r in rs:
-                    p = self.pats[r]
-                    valid = np.nonzero(cl >= p.n)[0]
-                    if not len(valid):
-                        continue
-                    cols = [cx[valid, MAX_N - c] for c in p.ctx_pos]
-                    rows_l.append(valid)
-                    r_l.append(np.full(len(valid), r))
-                    key_l.append(pack_keys(cols, self.index.bits))
-                if not rows_l:
-                    continue
-                rows = np.concatenate(rows_l)
-                rcol = np.concatenate(r_l)
-                seg = tab.find(np.concatenate(key_l))
-                f = seg >= 0
-                rows, rcol, seg = rows[f], rcol[f], seg[f]
+            parts = self._segments(cx, cl)
+            for tab, rows, rcol, seg in parts:
                 SEG[rows, rcol] = seg
-                D[rows, rcol] = _distances(tab, seg, rows, P, self.distance, top)
+            D = self._rule_distances(parts, P, top)
             opt, _ = _first_within(D)
             has = opt >= 0
             ar = np.arange(C)
@@ -263,6 +267,86 @@ class Matcher:
         return out
 
     # ------------------------------------------------------------------------------------
+    def _segments(self, cx: np.ndarray, cl: np.ndarray) -> list[tuple[PatternTable, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per pattern table: (table, positions, rules, segments) of every defined (position, rule)."""
+        parts = []
+        for offsets, rs in self.groups.items():
+            tab = self.index.table(offsets)
+            rows_l, r_l, key_l = [], [], []
+            for r in rs:
+                p = self.pats[r]
+                valid = np.nonzero(cl >= p.n)[0]
+                if not len(valid):
+                    continue
+                cols = [cx[valid, MAX_N - c] for c in p.ctx_pos]
+                rows_l.append(valid)
+                r_l.append(np.full(len(valid), r))
+                key_l.append(pack_keys(cols, self.index.bits))
+            if not rows_l:
+                continue
+            rows = np.concatenate(rows_l)
+            rcol = np.concatenate(r_l)
+            seg = tab.find(np.concatenate(key_l))
+            f = seg >= 0
+            parts.append((tab, rows[f], rcol[f], seg[f]))
+        return parts
+
+    def _rule_distances(self, parts, P: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """[C, R] distances of the defined (position, rule) pairs; +inf where undefined or pruned
+        (a pruned rule is provably farther than TIE_TOL from the best rule of its length; see the
+        module doc)."""
+        C, V = P.shape
+        D = np.full((C, len(self.templates)), np.inf)
+        long_parts = []
+        for tab, rows, rcol, seg in parts:
+            lens = tab.starts[seg + 1] - tab.starts[seg]
+            is_long = lens >= LONG_SEGMENT
+            sh = np.nonzero(~is_long)[0]
+            if len(sh):
+                D[rows[sh], rcol[sh]] = _distances(tab, seg[sh], rows[sh], P, self.distance, top)
+            lg = np.nonzero(is_long)[0]
+            if len(lg):
+                long_parts.append((tab, rows[lg], rcol[lg], seg[lg]))
+        if not long_parts:
+            return D
+        # the model's top tokens, most likely first (one more than looked up: linf's bound needs it)
+        K = min(BOUND_TOKENS, V - 1)
+        btop = top[:, : K + 1] if top.shape[1] > K else np.argsort(-P, axis=1, kind="stable")[:, : K + 1]
+        ptop = np.take_along_axis(P, btop, 1)
+        rest = np.maximum(1.0 - np.cumsum(ptop, axis=1), 0.0)  # p outside the top j+1 tokens
+        # best[c, n]: smallest exact distance or upper bound among rules of length n at position c
+        best = np.full((C, MAX_N + 1), np.inf)
+        for n in range(1, MAX_N + 1):
+            cols = np.nonzero(self.lengths == n)[0]
+            if len(cols):
+                best[:, n] = D[:, cols[0] : cols[-1] + 1].min(1)
+        state = []  # per long part: alive pair indices, lower bounds, lengths, q max
+        for tab, rows, rcol, seg in long_parts:
+            qmax = tab.max_count[seg] / tab.support[seg] if self.distance == "linf" else None
+            state.append([np.arange(len(seg)), np.zeros(len(seg)), self.lengths[rcol], qmax])
+        for j in range(K):
+            for (tab, rows, rcol, seg), st in zip(long_parts, state):
+                a, lb, ln, qmax = st
+                if not len(a):
+                    continue
+                r = rows[a]
+                q = tab.count_of(seg[a], btop[r, j]) / tab.support[seg[a]]
+                dj = ptop[r, j] - q
+                if self.distance == "variational":
+                    lb[a] += np.maximum(dj, 0.0)
+                    ub = lb[a] + rest[r, j]
+                else:
+                    lb[a] = np.maximum(lb[a], np.abs(dj))
+                    ub = np.maximum(lb[a], np.maximum(ptop[r, j + 1], qmax[a]))
+                np.minimum.at(best, (r, ln[a]), ub)
+            for (tab, rows, rcol, seg), st in zip(long_parts, state):
+                a, lb, ln, _ = st
+                st[0] = a[lb[a] <= best[rows[a], ln[a]] + (TIE_TOL + PRUNE_MARGIN)]
+        for (tab, rows, rcol, seg), (a, *_rest) in zip(long_parts, state):
+            if len(a):
+                D[rows[a], rcol[a]] = _distances(tab, seg[a], rows[a], P, self.distance, top)
+        return D
+
     def _by_table(self, SEG, rows, rule):
         """(table, positions into rows, segments) per pattern, for rows with rule >= 0."""
         ok = rule >= 0
