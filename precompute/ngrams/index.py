@@ -128,6 +128,7 @@ class NgramIndex:
         self.name = name
         self.cache_dir = cache_dir
         self._tables: dict[tuple[int, ...], PatternTable] = {}
+        self._tokens64: np.ndarray | None = None  # tokens as uint64, for packing keys while building
         self.build_seconds = 0.0
 
     # -- construction ---------------------------------------------------------------------
@@ -205,37 +206,52 @@ class NgramIndex:
 
     def _build(self, offsets: tuple[int, ...]) -> PatternTable:
         span = offsets[0]
-        pos = np.nonzero(self.depth >= span)[0]
-        cols = [self.tokens[pos - o] for o in offsets]
-        key = pack_keys(cols, self.bits)
-        nxt = self.tokens[pos]
+        n_tok = max(len(self.tokens), span)  # (a corpus shorter than the span has no window)
+        # the window of position i (i >= span) is tokens[i - o]: shifted views, no gathers; positions
+        # whose story has fewer than ``span`` tokens before them are dropped after packing
+        cols = [self.tokens[span - o : n_tok - o] for o in offsets]
+        nxt = self.tokens[span:]
+        full = self.depth[span:] >= span
+        bits = np.uint64(self.bits)
         if (len(offsets) + 1) * self.bits <= 64:
-            comb = np.sort((key << np.uint64(self.bits)) | nxt.astype(np.uint64))
-            key_s = comb >> np.uint64(self.bits)
-            nxt_s = (comb & np.uint64((1 << self.bits) - 1)).astype(np.int32)
+            # one uint64 per position: the packed key (as pack_keys) above the next token; one sort
+            # orders both
+            if self._tokens64 is None:
+                self._tokens64 = self.tokens.astype(np.uint64)
+            comb = self._tokens64[span:].copy()
+            col = np.empty_like(comb)
+            for j, o in enumerate(offsets):
+                np.left_shift(self._tokens64[span - o : n_tok - o], np.uint64(self.bits * (j + 1)), out=col)
+                comb |= col
+            comb = comb[full]
+            comb.sort()
+            n = len(comb)
+            pair_start = np.concatenate(([0], np.flatnonzero(comb[1:] != comb[:-1]) + 1)) if n else np.zeros(0, np.int64)
+            pval = comb[pair_start]
+            pkey = pval >> bits
+            pnext = (pval & np.uint64((1 << self.bits) - 1)).astype(np.int32)
         else:
-            order = np.lexsort((nxt, key))
-            key_s, nxt_s = key[order], nxt[order]
-        n = len(key_s)
+            key = pack_keys(cols, self.bits)[full]
+            nx = nxt[full]
+            order = np.lexsort((nx, key))
+            key_s, nxt_s = key[order], nx[order]
+            n = len(key_s)
+            new_pair = np.ones(n, dtype=bool)
+            new_pair[1:] = (key_s[1:] != key_s[:-1]) | (nxt_s[1:] != nxt_s[:-1])
+            pair_start = np.flatnonzero(new_pair)
+            pkey, pnext = key_s[pair_start], nxt_s[pair_start].astype(np.int32)
         if n == 0:
             z = np.zeros(0, np.int64)
             return PatternTable(offsets, z.astype(np.uint64), np.zeros(1, np.int64), z.astype(np.int32), z.astype(np.int32),
                                 z, z.astype(np.int32), z.astype(np.int32))
-        new_pair = np.ones(n, dtype=bool)
-        new_pair[1:] = (key_s[1:] != key_s[:-1]) | (nxt_s[1:] != nxt_s[:-1])
-        pair_start = np.nonzero(new_pair)[0]
         count = np.diff(np.append(pair_start, n)).astype(np.int32)
-        pkey = key_s[pair_start]
-        pnext = nxt_s[pair_start]
-        new_key = np.ones(len(pkey), dtype=bool)
-        new_key[1:] = pkey[1:] != pkey[:-1]
-        kstart = np.nonzero(new_key)[0]
+        kstart = np.concatenate(([0], np.flatnonzero(pkey[1:] != pkey[:-1]) + 1))
         starts = np.append(kstart, len(pkey)).astype(np.int64)
-        support = np.add.reduceat(count.astype(np.int64), kstart)
+        support = np.diff(np.append(pair_start[kstart], n)).astype(np.int64)  # occurrences of each key
         max_count = np.maximum.reduceat(count, kstart)
-        seg_of = np.repeat(np.arange(len(kstart)), np.diff(starts))
-        n_argmax = np.bincount(seg_of, weights=(count == max_count[seg_of]), minlength=len(kstart)).astype(np.int32)
-        return PatternTable(offsets, pkey[kstart], starts, pnext.astype(np.int32), count, support, max_count.astype(np.int32), n_argmax)
+        at_max = np.cumsum(count == np.repeat(max_count, np.diff(starts)), dtype=np.int64)[starts[1:] - 1]
+        n_argmax = np.diff(at_max, prepend=0).astype(np.int32)  # tokens reaching the max count, per key
+        return PatternTable(offsets, pkey[kstart], starts, pnext, count, support, max_count.astype(np.int32), n_argmax)
 
     def _load(self, offsets) -> PatternTable | None:
         if self.cache_dir is None:

@@ -25,6 +25,11 @@ model's top-j tokens (looked up in the segment one per round, j = 1..BOUND_TOKEN
   ``lb = sum_{t in A} (p_t - q_t)+ <= d <= lb + p(not A) = ub`` (each term outside A is <= p_t);
 - linf: ``lb = max_{t in A} |p_t - q_t| <= d <= max(lb, max_{t not in A} p_t, max_t q_t) = ub``.
 
+Before any look-up a free lower bound uses only the segment's largest count: ``q_t <= q_max`` for
+every t, so ``d >= max_j (p(top j) - j * q_max)`` (variational) and ``d >= p_top1 - q_max`` (linf).
+Segments shorter than LONG_SEGMENT are cheap enough to compute exactly right away; their exact
+distances are the first ``best`` values.
+
 A rule is dropped (distance left at +inf) when ``lb > best + TIE_TOL + PRUNE_MARGIN``, ``best``
 being the smallest exact distance or upper bound of another rule of the same length at that
 position. Then its true distance exceeds the length's minimum by more than TIE_TOL, so it can
@@ -51,8 +56,8 @@ DISTANCES: dict[str, str] = {
 }
 TIE_TOL = 1e-9
 DENSE_FRACTION = 0.5  # segments with at least this fraction of the vocabulary are compared densely
-LONG_SEGMENT = 16  # segments with at least this many distinct next tokens are bounded before computed
-BOUND_TOKENS = 8  # at most this many of the model's top tokens are looked up for the bounds
+LONG_SEGMENT = 32  # segments with at least this many distinct next tokens are bounded before computed
+BOUND_TOKENS = 6  # at most this many of the model's top tokens are looked up for the bounds
 PRUNE_MARGIN = 1e-10  # float rounding allowance of the pruning test (see the module doc)
 
 
@@ -165,6 +170,22 @@ def _distances(tab: PatternTable, seg: np.ndarray, rows: np.ndarray, P: np.ndarr
     return out
 
 
+class _LongPairs:
+    """(position, rule) pairs of one table whose segments are long, while they are being bounded."""
+
+    def __init__(self, tab: PatternTable, rows: np.ndarray, rcol: np.ndarray, seg: np.ndarray, length: np.ndarray):
+        self.tab, self.rows, self.rcol, self.seg, self.length = tab, rows, rcol, seg, length
+        self.alive = np.arange(len(seg))  # pairs not pruned yet
+        self.lb = np.zeros(len(seg))  # lower bound from the tokens looked up so far
+        self.lb_free = np.zeros(len(seg))  # lower bound from q's max alone
+        self.qmax = np.zeros(len(seg))
+
+    def prune(self, best: np.ndarray, tol: float) -> None:
+        a = self.alive
+        lb = np.maximum(self.lb[a], self.lb_free[a])
+        self.alive = a[lb <= best[self.rows[a], self.length[a]] + tol]
+
+
 def _first_within(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the first column within TIE_TOL of the row minimum, and that minimum (inf: none)."""
     if D.shape[1] == 0:
@@ -192,8 +213,12 @@ class Matcher:
         self.groups: dict[tuple[int, ...], list[int]] = {}
         for r, p in enumerate(self.pats):
             self.groups.setdefault(p.offsets, []).append(r)
+        self.group_of = np.zeros(len(self.templates), dtype=np.int64)  # rule -> index into groups
+        for g, rs in enumerate(self.groups.values()):
+            self.group_of[rs] = g
         self.suffix = {n: self.templates.index("+" * n) for n in range(1, MAX_N + 1) if "+" * n in self.templates}
         index.prepare(self.templates)
+        self.tables = [index.table(offsets) for offsets in self.groups]
 
     # ------------------------------------------------------------------------------------
     def match(self, probs: np.ndarray, ctx: np.ndarray, ctx_len: np.ndarray, targets: np.ndarray | None = None,
@@ -270,15 +295,17 @@ class Matcher:
     def _segments(self, cx: np.ndarray, cl: np.ndarray) -> list[tuple[PatternTable, np.ndarray, np.ndarray, np.ndarray]]:
         """Per pattern table: (table, positions, rules, segments) of every defined (position, rule)."""
         parts = []
+        valid_n = [np.nonzero(cl >= n)[0] for n in range(MAX_N + 1)]  # positions with >= n context tokens
+        cxt = np.ascontiguousarray(cx.T)  # [7, C]: context column j back = row MAX_N - j
         for offsets, rs in self.groups.items():
             tab = self.index.table(offsets)
             rows_l, r_l, key_l = [], [], []
             for r in rs:
                 p = self.pats[r]
-                valid = np.nonzero(cl >= p.n)[0]
+                valid = valid_n[p.n]
                 if not len(valid):
                     continue
-                cols = [cx[valid, MAX_N - c] for c in p.ctx_pos]
+                cols = [cxt[MAX_N - c][valid] for c in p.ctx_pos]
                 rows_l.append(valid)
                 r_l.append(np.full(len(valid), r))
                 key_l.append(pack_keys(cols, self.index.bits))
@@ -306,54 +333,61 @@ class Matcher:
                 D[rows[sh], rcol[sh]] = _distances(tab, seg[sh], rows[sh], P, self.distance, top)
             lg = np.nonzero(is_long)[0]
             if len(lg):
-                long_parts.append((tab, rows[lg], rcol[lg], seg[lg]))
+                long_parts.append(_LongPairs(tab, rows[lg], rcol[lg], seg[lg], self.lengths[rcol[lg]]))
         if not long_parts:
             return D
         # the model's top tokens, most likely first (one more than looked up: linf's bound needs it)
         K = min(BOUND_TOKENS, V - 1)
         btop = top[:, : K + 1] if top.shape[1] > K else np.argsort(-P, axis=1, kind="stable")[:, : K + 1]
         ptop = np.take_along_axis(P, btop, 1)
-        rest = np.maximum(1.0 - np.cumsum(ptop, axis=1), 0.0)  # p outside the top j+1 tokens
+        cum = np.cumsum(ptop, axis=1)
+        rest = np.maximum(1.0 - cum, 0.0)  # p outside the top j+1 tokens
         # best[c, n]: smallest exact distance or upper bound among rules of length n at position c
         best = np.full((C, MAX_N + 1), np.inf)
         for n in range(1, MAX_N + 1):
             cols = np.nonzero(self.lengths == n)[0]
             if len(cols):
                 best[:, n] = D[:, cols[0] : cols[-1] + 1].min(1)
-        state = []  # per long part: alive pair indices, lower bounds, lengths, q max
-        for tab, rows, rcol, seg in long_parts:
-            qmax = tab.max_count[seg] / tab.support[seg] if self.distance == "linf" else None
-            state.append([np.arange(len(seg)), np.zeros(len(seg)), self.lengths[rcol], qmax])
-        for j in range(K):
-            for (tab, rows, rcol, seg), st in zip(long_parts, state):
-                a, lb, ln, qmax = st
+        tol = TIE_TOL + PRUNE_MARGIN
+        for lp in long_parts:
+            # free bound (no look-up): q_t <= q_max for every t
+            lp.qmax = lp.tab.max_count[lp.seg] / lp.tab.support[lp.seg]
+            if self.distance == "variational":  # sum_{t in A} (p_t - q_t) >= p(A) - |A| q_max
+                lp.lb_free = np.maximum((cum[lp.rows, :K] - np.arange(1, K + 1) * lp.qmax[:, None]).max(1), 0.0)
+            else:  # |p_t1 - q_t1| >= p_t1 - q_max
+                lp.lb_free = np.maximum(ptop[lp.rows, 0] - lp.qmax, 0.0)
+            lp.prune(best, tol)
+        for j in range(K):  # look up q at the model's j-th token; tighten both bounds
+            for lp in long_parts:
+                a = lp.alive
                 if not len(a):
                     continue
-                r = rows[a]
-                q = tab.count_of(seg[a], btop[r, j]) / tab.support[seg[a]]
-                dj = ptop[r, j] - q
+                r, sg = lp.rows[a], lp.seg[a]
+                dj = ptop[r, j] - lp.tab.count_of(sg, btop[r, j]) / lp.tab.support[sg]
                 if self.distance == "variational":
-                    lb[a] += np.maximum(dj, 0.0)
-                    ub = lb[a] + rest[r, j]
+                    lp.lb[a] += np.maximum(dj, 0.0)
+                    ub = lp.lb[a] + rest[r, j]
                 else:
-                    lb[a] = np.maximum(lb[a], np.abs(dj))
-                    ub = np.maximum(lb[a], np.maximum(ptop[r, j + 1], qmax[a]))
-                np.minimum.at(best, (r, ln[a]), ub)
-            for (tab, rows, rcol, seg), st in zip(long_parts, state):
-                a, lb, ln, _ = st
-                st[0] = a[lb[a] <= best[rows[a], ln[a]] + (TIE_TOL + PRUNE_MARGIN)]
-        for (tab, rows, rcol, seg), (a, *_rest) in zip(long_parts, state):
+                    lp.lb[a] = np.maximum(lp.lb[a], np.abs(dj))
+                    ub = np.maximum(lp.lb[a], np.maximum(ptop[r, j + 1], lp.qmax[a]))
+                np.minimum.at(best, (r, lp.length[a]), ub)
+            for lp in long_parts:
+                lp.prune(best, tol)
+        for lp in long_parts:
+            a = lp.alive
             if len(a):
-                D[rows[a], rcol[a]] = _distances(tab, seg[a], rows[a], P, self.distance, top)
+                D[lp.rows[a], lp.rcol[a]] = _distances(lp.tab, lp.seg[a], lp.rows[a], P, self.distance, top)
         return D
 
     def _by_table(self, SEG, rows, rule):
         """(table, positions into rows, segments) per pattern, for rows with rule >= 0."""
-        ok = rule >= 0
-        for offsets, rs in self.groups.items():
-            sel = np.nonzero(ok & np.isin(rule, rs))[0]
-            if len(sel):
-                yield self.index.table(offsets), sel, SEG[rows[sel], rule[sel]]
+        sel = np.nonzero(rule >= 0)[0]
+        grp = self.group_of[rule[sel]]
+        order = np.argsort(grp, kind="stable")
+        sel, grp = sel[order], grp[order]
+        cuts = np.flatnonzero(np.diff(grp)) + 1
+        for s_ in np.split(sel, cuts) if len(sel) else ():
+            yield self.tables[self.group_of[rule[s_[0]]]], s_, SEG[rows[s_], rule[s_]]
 
     def _agree(self, SEG, rows, rule, tok) -> np.ndarray:
         out = np.zeros(len(rows))

@@ -43,10 +43,10 @@ def test_heads_overview_heatmap_opens_a_head(app, browser_db):
     # click a cell in the middle of the heatmap: that head's page opens
     box = page.locator(".vega-embed").first.bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.45)
-    app.wait('h1:has-text(" H")')
-    m = re.search(r"/head\?.*layer=(\d+).*head=(\d+)", page.url)
+    page.wait_for_url(re.compile(r"/head\?"))
+    m = re.search(r"layer=(\d+).*head=(\d+)", page.url)
     assert m, page.url
-    assert page.get_by_text(f"{MODEL} · L{m.group(1)} H{m.group(2)}").first.is_visible()
+    app.wait(f'h1:has-text("{MODEL} · L{m.group(1)} H{m.group(2)}")')
     app.screenshot("heads_overview_clicked")
 
 
