@@ -1,4 +1,4 @@
-"""tinyscope: the Streamlit entry point. It only routes; pages live in app/pages/.
+"""tinyscope: the Streamlit entry point. It only routes; pages live in app/views/.
 
 Run with ``streamlit run app/main.py`` (the README's start command does this).
 """
@@ -14,14 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (file, title, url path); every page reads its state from the URL, so links open it directly
 PAGES = [
-    ("pages/overview.py", "Models", "overview"),
-    ("pages/neuron.py", "Neuron", "neuron"),
-    ("pages/heads.py", "Heads", "heads"),
-    ("pages/head.py", "Head", "head"),
-    ("pages/lab.py", "Lab", "lab"),
-    ("pages/retrieval.py", "Retrieval", "retrieval"),
-    ("pages/rules.py", "Rules", "rules"),
-    ("pages/story.py", "Rule matches", "story"),
+    ("views/overview.py", "Models", "overview"),
+    ("views/neuron.py", "Neuron", "neuron"),
+    ("views/heads.py", "Heads", "heads"),
+    ("views/head.py", "Head", "head"),
+    ("views/lab.py", "Lab", "lab"),
+    ("views/retrieval.py", "Retrieval", "retrieval"),
+    ("views/rules.py", "Rules", "rules"),
+    ("views/story.py", "Rule matches", "story"),
 ]
 
 

@@ -235,6 +235,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    _portable_tokenizer_config(out)
     result = TrainResult(
         out=str(out),
         n_params=sum(p.numel() for p in model.parameters()),
@@ -250,6 +251,23 @@ def run(cfg: TrainConfig) -> TrainResult:
     (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "result": asdict(result)}, indent=2))
     (out / "README.md").write_text(model_card(cfg, result))
     return result
+
+
+def _portable_tokenizer_config(out: Path) -> None:
+    """Name the generic fast tokenizer class, which every transformers version loads."""
+    path = out / "tokenizer_config.json"
+    conf = json.loads(path.read_text())
+    conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(conf, indent=2) + "\n")
+
+
+def rewrite_card(out: str | Path) -> None:
+    """Regenerate README.md from training.json (after the card's wording changes)."""
+    out = Path(out)
+    data = json.loads((out / "training.json").read_text())
+    cfg = TrainConfig(**data["config"])
+    r = TrainResult(**data["result"])
+    (out / "README.md").write_text(model_card(cfg, r))
 
 
 def model_card(cfg: TrainConfig, r: TrainResult) -> str:
@@ -269,8 +287,8 @@ A small GPT-2-style language model trained from scratch by `precompute train` (t
 | tokenizer | byte-level BPE, {cfg.vocab_size} tokens, {"lowercasing" if cfg.lowercase else "cased"}, trained on the same corpus; `<\\|endoftext\\|>` is BOS and EOS and is prepended to every story |
 | training corpus | `{Path(cfg.corpus).name}` ({r.train_tokens:,} tokens) |
 | recipe | {r.steps} steps{f" (wall-clock budget {cfg.max_minutes:g} min)" if cfg.max_minutes else ""} x {cfg.batch_size} x {cfg.n_ctx} tokens, AdamW lr {cfg.lr} (warmup {cfg.warmup}, cosine to {cfg.min_lr_frac:g}x), weight decay {cfg.weight_decay}, dropout {cfg.dropout}, seed {cfg.seed}, device {cfg.device} |
-| train loss (end) | {r.final_train_loss:.3f} nats/token |
-| validation loss | {val} |
+| train loss (end) | {r.final_train_loss:.3f} nats/token (first {cfg.eval_tokens * 4:,} training tokens) |
+| validation loss | {val} (all {r.val_tokens:,} validation tokens) |
 | training time | {r.seconds / 60:.1f} min |
 
 Validation text is split into paragraphs (the file marks stories and paragraphs alike with a
@@ -282,7 +300,8 @@ Greedy continuation of "{cfg.sample_prompt}":
 
 > {r.sample.replace(chr(10), " ")}
 
-Loss during training:
+Loss during training (validation column: the first {cfg.eval_tokens:,} validation tokens only, so it
+differs from the full-set number above):
 
 | step | train loss (EMA) | validation loss | seconds |
 |---|---|---|---|

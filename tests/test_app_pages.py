@@ -44,7 +44,7 @@ def test_neuron_page_shows_the_stored_numbers(db):
 
     with open_store(db, create=False).session() as s:
         want = neuron_page(s, MODEL, 2, 5)
-    at = open_page("pages/neuron.py", model=MODEL, layer=2, neuron=5)
+    at = open_page("views/neuron.py", model=MODEL, layer=2, neuron=5)
     assert not errors(at)
     assert at.title[0].value == f"{MODEL} · L2 N5"
     metrics = {m.label: m.value for m in at.metric}
@@ -65,7 +65,7 @@ def test_hypothesis_share_and_url_state(db):
     with open_store(db, create=False).session() as s:
         p = neuron_page(s, MODEL, 1, 3)
     top = p.examples[0].tokens[p.examples[0].max_index].text.strip()
-    at = open_page("pages/neuron.py", model=MODEL, layer=1, neuron=3, hyp=top, log=1, top=10)
+    at = open_page("views/neuron.py", model=MODEL, layer=1, neuron=3, hyp=top, log=1, top=10)
     ex = explained_share(p, Hypothesis(top, "list"), 0.10)
     label = next(m for m in at.metric if "explained by the hypothesis" in m.label)
     assert label.value == f"{ex.share:.0%}"
@@ -74,7 +74,7 @@ def test_hypothesis_share_and_url_state(db):
 
 
 def test_bad_regex_is_a_warning_not_a_traceback(db):
-    at = open_page("pages/neuron.py", model=MODEL, layer=0, neuron=0, hyp="([", mode="regex")
+    at = open_page("views/neuron.py", model=MODEL, layer=0, neuron=0, hyp="([", mode="regex")
     assert any("not a valid regular expression" in w.value for w in at.warning)
 
 
@@ -89,7 +89,7 @@ def test_bad_regex_is_a_warning_not_a_traceback(db):
     ],
 )
 def test_bad_links_give_a_message_and_a_way_back(db, params, message):
-    at = open_page("pages/neuron.py", **params)
+    at = open_page("views/neuron.py", **params)
     assert any(message in e for e in errors(at)), errors(at)
     assert not at.title  # the page stopped before drawing anything
     links = [pl.proto.label for pl in at.get("page_link")]
@@ -102,7 +102,7 @@ def test_live_prompt_is_coloured_and_long_prompts_are_truncated(db, lm260k):
     text = "Once upon a time there was a dog. " * 80  # > 512 tokens
     want = neuron_on_text(lm260k, text, 3, 11, prepend_bos=True)
     assert want.truncated and len(want.ids) == lm260k.n_ctx
-    at = open_page("pages/neuron.py", model=MODEL, layer=3, neuron=11, prompt=text)
+    at = open_page("views/neuron.py", model=MODEL, layer=3, neuron=11, prompt=text)
     assert any("only the first 512 are used" in w.value for w in at.warning)
     md = " ".join(m.value for m in at.markdown)
     assert f"Max activation **{want.acts[want.max_pos]:.3f}** at position **{want.max_pos}**" in md
@@ -111,7 +111,7 @@ def test_live_prompt_is_coloured_and_long_prompts_are_truncated(db, lm260k):
 
 
 def test_overview_lists_runs_and_finds_neurons_by_token(db):
-    at = open_page("pages/overview.py", q="the")
+    at = open_page("views/overview.py", q="the")
     assert not errors(at)
     frames = [d.value for d in at.dataframe]
     models, runs = frames[0], frames[1]
@@ -125,7 +125,7 @@ def test_overview_lists_runs_and_finds_neurons_by_token(db):
 
 
 def test_overview_unknown_model(db):
-    at = open_page("pages/overview.py", model="nope")
+    at = open_page("views/overview.py", model="nope")
     assert any("model 'nope' is not in this database" in e for e in errors(at))
 
 
@@ -134,7 +134,7 @@ def test_missing_database_shows_the_build_command(monkeypatch, tmp_path):
 
     url = f"sqlite:///{tmp_path / 'absent.db'}"
     monkeypatch.setattr(app.state, "DB_URL", url)
-    for page in ("pages/overview.py", "pages/neuron.py"):
+    for page in ("views/overview.py", "views/neuron.py"):
         at = open_page(page, model=MODEL, layer=0, neuron=0)
         assert any("no database at" in e for e in errors(at)), errors(at)
         assert any("precompute run" in c.value for c in at.code)

@@ -21,7 +21,7 @@ from precompute.live import (
 from precompute.models import ModelError
 
 TEXT = "Once upon a time, there was a little girl named Lily. She liked to play with her red ball."
-LAB = str(Path(__file__).resolve().parent.parent / "app" / "pages" / "lab.py")
+LAB = str(Path(__file__).resolve().parent.parent / "app" / "views" / "lab.py")
 
 
 @pytest.fixture(scope="module")

@@ -91,9 +91,9 @@ idx = layer * p.n_heads + head
 pl, ph = divmod((idx - 1) % total, p.n_heads)
 nl, nh = divmod((idx + 1) % total, p.n_heads)
 nav = st.columns([1, 1, 1, 3])
-nav[0].page_link("pages/head.py", label=f"← L{pl} H{ph}", query_params=head_params(model, pl, ph))
-nav[1].page_link("pages/head.py", label=f"L{nl} H{nh} →", query_params=head_params(model, nl, nh))
-nav[2].page_link("pages/heads.py", label="↑ All heads", query_params={"model": model})
+nav[0].page_link("views/head.py", label=f"← L{pl} H{ph}", query_params=head_params(model, pl, ph))
+nav[1].page_link("views/head.py", label=f"L{nl} H{nh} →", query_params=head_params(model, nl, nh))
+nav[2].page_link("views/heads.py", label="↑ All heads", query_params={"model": model})
 th = p.label_thresholds
 roles = f" · roles: **{', '.join(S.roles)}**" if S.roles else ""
 st.markdown(

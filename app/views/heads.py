@@ -109,7 +109,7 @@ ev = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key=f"head
 st.caption("Letters: D = distance head, M = mixed, S = semantic. Click a cell to open that head.")
 sel = url.new_selection(f"heads-heat-{model}-{score}", (getattr(ev, "selection", None) or {}).get("pick") or [])
 if sel and "layer" in sel[0] and "head" in sel[0]:
-    st.switch_page("pages/head.py", query_params=head_params(model, int(sel[0]["layer"]), int(sel[0]["head"])))
+    st.switch_page("views/head.py", query_params=head_params(model, int(sel[0]["layer"]), int(sel[0]["head"])))
 
 # -------------------------------------------------------------------------------- table
 tdf = pd.DataFrame(
@@ -136,4 +136,4 @@ st.caption("Click a column header to sort; select a row (or click open ↗) to o
 rows = url.new_selection(f"heads-table-{model}", (getattr(table, "selection", None) or {}).get("rows") or [])
 if rows:
     h = ov.heads[int(rows[0])]
-    st.switch_page("pages/head.py", query_params=head_params(model, h.layer, h.head))
+    st.switch_page("views/head.py", query_params=head_params(model, h.layer, h.head))

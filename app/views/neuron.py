@@ -71,15 +71,15 @@ idx = layer * p.d_mlp + neuron
 prev_l, prev_n = divmod((idx - 1) % total, p.d_mlp)
 next_l, next_n = divmod((idx + 1) % total, p.d_mlp)
 nav = st.columns([1, 1, 1.3, 2.7])
-nav[0].page_link("pages/neuron.py", label=f"← L{prev_l} N{prev_n}", query_params=url.neuron_params(model, prev_l, prev_n))
-nav[1].page_link("pages/neuron.py", label=f"L{next_l} N{next_n} →", query_params=url.neuron_params(model, next_l, next_n))
-nav[2].page_link("pages/overview.py", label="↑ Model overview", query_params={"model": model, "layer": str(layer)})
+nav[0].page_link("views/neuron.py", label=f"← L{prev_l} N{prev_n}", query_params=url.neuron_params(model, prev_l, prev_n))
+nav[1].page_link("views/neuron.py", label=f"L{next_l} N{next_n} →", query_params=url.neuron_params(model, next_l, next_n))
+nav[2].page_link("views/overview.py", label="↑ Model overview", query_params={"model": model, "layer": str(layer)})
 with nav[3].form("goto", border=False):
     g = st.columns([1, 1, 1])
     gl = g[0].number_input("layer", 0, info.n_layers - 1, layer, label_visibility="collapsed")
     gn = g[1].number_input("neuron", 0, info.d_mlp - 1, neuron, label_visibility="collapsed")
     if g[2].form_submit_button("Go to L/N"):
-        st.switch_page("pages/neuron.py", query_params=url.neuron_params(model, int(gl), int(gn)))
+        st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(gl), int(gn)))
 
 m = st.columns(5)
 m[0].metric("max", f"{S.max:.3f}")

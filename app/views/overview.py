@@ -129,7 +129,7 @@ ev = st.altair_chart(heat, on_select="rerun", selection_mode="pick", key=f"heat-
 st.caption("Click a cell to open that neuron.")
 sel = url.new_selection(f"heat-{model}-{stat}", (getattr(ev, "selection", None) or {}).get("pick") or [])
 if sel and "layer" in sel[0] and "neuron" in sel[0]:
-    st.switch_page("pages/neuron.py", query_params=url.neuron_params(model, int(sel[0]["layer"]), int(sel[0]["neuron"])))
+    st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(sel[0]["layer"]), int(sel[0]["neuron"])))
 
 # -------------------------------------------------------------------------------- layer table
 layer = param_int("layer", 0, 0, info.n_layers - 1)
@@ -158,4 +158,4 @@ st.caption("Click a column header to sort; select a row (or click open ↗) to o
 chosen_rows = url.new_selection(f"table-{model}-{layer}", (getattr(table, "selection", None) or {}).get("rows") or [])
 if chosen_rows:
     n = int(tdf.iloc[chosen_rows[0]]["neuron"])
-    st.switch_page("pages/neuron.py", query_params=url.neuron_params(model, layer, n))
+    st.switch_page("views/neuron.py", query_params=url.neuron_params(model, layer, n))
