@@ -78,3 +78,23 @@ def neurons_for_tokens(url: str, model: str, token_ids: tuple[int, ...], limit: 
     """Neurons whose top tokens include any of ``token_ids`` (best mean activation first)."""
     with _session(url) as s:
         return nq.neurons_for_tokens(s, model, list(token_ids), limit)
+
+
+def page_model(build_jobs: str) -> tuple[str, q.ModelInfo, float]:
+    """The model a page shows (``?model=``, default the first stored), its info and the database
+    version for the cache keys. No database, no models or an unknown model: a message, and the
+    page stops. ``build_jobs`` goes into the build command the message suggests."""
+    from . import url
+    from .state import DB_URL, bad_param, store_or_stop
+
+    store_or_stop()
+    v = db_version(DB_URL)
+    models = list_models(DB_URL, v)
+    if not models:
+        bad_param(f"The database holds no models yet; build it with `precompute run --jobs {build_jobs}`.")
+    model = url.get_str("model") or models[0].name
+    try:
+        info = get_model(DB_URL, model, v)
+    except q.NotFound as e:
+        bad_param(str(e))
+    return model, info, v

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import sys
 from datetime import datetime
-from pathlib import Path
 
 from .corpus import CorpusError
 from .models import DEFAULT_MODEL, ModelError

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from app import cached, render, url
-from app.state import DB_URL, bad_param, get_model, param_int, store_or_stop
+from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.models import ModelError
 from precompute.store import heads_tables as hq
 from precompute.store.queries import NotFound
@@ -60,16 +60,7 @@ def pattern_chart(tokens: list[str], pattern, title: str, cell: int = 14) -> alt
 
 
 # -------------------------------------------------------------------------------- what to show
-store_or_stop()
-V = cached.db_version(DB_URL)
-models = cached.list_models(DB_URL, V)
-if not models:
-    bad_param("The database holds no models yet; build it with `precompute run --jobs heads`.")
-model = url.get_str("model") or models[0].name
-try:
-    info = cached.get_model(DB_URL, model, V)
-except NotFound as e:
-    bad_param(str(e))
+model, info, V = cached.page_model("heads")
 layer = param_int("layer", 0, 0, info.n_layers - 1)
 head = param_int("head", 0, 0, info.n_heads - 1)
 try:

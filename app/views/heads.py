@@ -87,8 +87,8 @@ bounded = score not in ("mean_distance", "entropy")
 scale = alt.Scale(scheme="viridis", domain=[0, 1]) if bounded else alt.Scale(scheme="viridis")
 pick = alt.selection_point(fields=["layer", "head"], name="pick", on="click")
 base = alt.Chart(df).encode(
-    x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
-    y=alt.Y("layer:O", title="layer"),
+    x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0, labelOverlap=False)),
+    y=alt.Y("layer:O", title="layer", axis=alt.Axis(labelOverlap=False)),
 )
 cells = base.mark_rect(stroke="white").encode(
     color=alt.Color("value:Q", title=hq.SCORE_TITLES[score], scale=scale),

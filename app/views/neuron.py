@@ -17,7 +17,7 @@ import streamlit as st
 from app import cached, render, url
 from app.hypothesis import MODES, Hypothesis, bin_shares, explained_share
 from app.live import neuron_on_text
-from app.state import DB_URL, bad_param, get_model, param_int, store_or_stop
+from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.models import ModelError
 from precompute.store.queries import NotFound
 
@@ -37,16 +37,7 @@ def token_label(text: str, tid: int, dupes: set[str]) -> str:
 
 
 # -------------------------------------------------------------------------------- what to show
-store_or_stop()
-V = cached.db_version(DB_URL)
-models = cached.list_models(DB_URL, V)
-if not models:
-    bad_param("The database holds no models yet; build it with `precompute run --jobs neurons`.")
-model = url.get_str("model") or models[0].name
-try:
-    info = cached.get_model(DB_URL, model, V)
-except NotFound as e:
-    bad_param(str(e))
+model, info, V = cached.page_model("neurons")
 layer = param_int("layer", 0, 0, info.n_layers - 1)
 neuron = param_int("neuron", 0, 0, info.d_mlp - 1)
 try:

@@ -17,7 +17,7 @@ import streamlit as st
 from app import cached, url
 from app.render import tokens_html
 from app.retrieval_views import show_diverse_examples
-from app.state import DB_URL, bad_param, get_model, get_store, param_int, store_or_stop
+from app.state import DB_URL, bad_param, get_model, get_store, param_int
 from precompute.models import ModelError
 from precompute.retrieval.sift import DEFAULT_LAMBDA
 from precompute.retrieval.support import HIGH_VARIANCE
@@ -88,14 +88,8 @@ def window_html(w) -> str:
 
 
 # -------------------------------------------------------------------------------- what to show
-store_or_stop()
-V = cached.db_version(DB_URL)
-models = cached.list_models(DB_URL, V)
-if not models:
-    bad_param("The database holds no models yet; build it with `precompute run --jobs embeddings`.")
-model = url.get_str("model") or models[0].name
+model, info, V = cached.page_model("embeddings")
 try:
-    info = cached.get_model(DB_URL, model, V)
     run = cached.latest_run(DB_URL, model, "embeddings", V)
 except NotFound as e:
     bad_param(str(e))

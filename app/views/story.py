@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from app import cached, render, url
-from app.state import DB_URL, bad_param, get_model, param_int, store_or_stop
+from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.models import ModelError
 from precompute.ngrams.views import TokenMatch
 from precompute.store import rules_tables as rq
@@ -148,14 +148,8 @@ def show(tokens: tuple[tuple[str, bool], ...], matches: tuple[TokenMatch, ...], 
 
 
 # -------------------------------------------------------------------------------- page
-store_or_stop()
-V = cached.db_version(DB_URL)
-models = cached.list_models(DB_URL, V)
-if not models:
-    bad_param("The database holds no models yet; build it with `precompute run --jobs rules --ngram-corpus ...`.")
-model = url.get_str("model") or models[0].name
+model, info, V = cached.page_model("rules --ngram-corpus ...")
 try:
-    info = cached.get_model(DB_URL, model, V)
     ov = overview(DB_URL, model, V)
 except NotFound as e:
     bad_param(str(e))

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ..jobs.embeddings import embed_ids
 from ..models import LoadedModel
-from ..store.embeddings_tables import Embeddings, WindowView, window_views
+from ..store.embeddings_tables import Embeddings, window_views
 from .index import VectorIndex
 from .sift import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, Method, Selection, select, sift_candidates
 

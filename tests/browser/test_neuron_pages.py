@@ -74,7 +74,7 @@ def test_out_of_range_link_says_so(app):
     assert page.get_by_text("Go to the model overview").is_visible()
     assert "Traceback" not in page.content()
     app.screenshot("neuron_out_of_range")
-    app.open(f"/neuron?model=no-such-model&layer=0&neuron=0", '[data-testid="stAlert"]')
+    app.open("/neuron?model=no-such-model&layer=0&neuron=0", '[data-testid="stAlert"]')
     assert "not in this database" in page.locator('[data-testid="stAlert"]').first.inner_text()
 
 
