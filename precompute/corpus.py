@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .errors import one_line
+
 Separator = Literal["auto", "eot", "newline", "blank"]
 EOT = "<|endoftext|>"
 _LONE_NEWLINE = re.compile(r"(?<!\n)\n(?!\n)")
@@ -95,8 +97,7 @@ def read_hf_dataset(spec: str, max_stories: int | None = None) -> Corpus:
             if max_stories is not None and len(stories) >= max_stories:
                 break
     except Exception as e:  # noqa: BLE001 - offline or unknown id: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorpusError(f"dataset {dataset_id!r} could not be loaded: {first[:160]}") from None
+        raise CorpusError(f"dataset {dataset_id!r} could not be loaded: {one_line(e, 160)}") from None
     return Corpus(name=spec, stories=tuple(stories))
 
 

@@ -18,7 +18,6 @@ Ablation conventions (TransformerLens names):
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -38,13 +37,6 @@ ABLATION_MODES: dict[AblationMode, str] = {
     "mean": "set to its mean at every position",
 }
 N_TOP_NEURONS = 5
-
-
-def model_lock(lm: LoadedModel) -> threading.RLock:
-    """The model's own lock (``LoadedModel.lock``): hooks live on the shared module objects, so
-    two threads (two Streamlit sessions using one cached model) must not interleave a hooked
-    forward pass, or one thread's intervention leaks into the other's "clean" run."""
-    return lm.lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +183,7 @@ def analyse(lm: LoadedModel, text: str, top_k: int = 10, max_tokens: int | None 
 
         return fn
 
-    with model_lock(lm), hooked(lm, {hook_name(l, "mlp.post"): grab(l) for l in range(lm.n_layers)}):
+    with hooked(lm, {hook_name(l, "mlp.post"): grab(l) for l in range(lm.n_layers)}):
         logits, patterns = run_with_patterns(lm, ids)
     logp = torch.log_softmax(logits[0].float(), dim=-1)  # [pos, vocab]
     k = min(int(top_k), lm.vocab_size)
@@ -253,8 +245,7 @@ def continue_text(
         if len(ids) >= lm.n_ctx:
             stopped = "context full"
             break
-        with model_lock(lm):
-            out = lm.forward(step_in, past_key_values=past, use_cache=True)
+        out = lm.forward(step_in, past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float().cpu()
         p1 = torch.softmax(logits, -1)
@@ -449,7 +440,7 @@ def ablate(
     def capture(x):
         captured["x"] = x.detach().clone()
 
-    with model_lock(lm), hooked(lm, {name: capture}):
+    with hooked(lm, {name: capture}):
         clean = lm.forward(ids).logits[0].float()
 
     mean_source = None
@@ -472,7 +463,7 @@ def ablate(
             x[..., index, :] = 0.0 if value is None else value
         return x
 
-    with model_lock(lm), hooked(lm, {name: intervene}):
+    with hooked(lm, {name: intervene}):
         ablated = lm.forward(ids).logits[0].float()
 
     return AblationResult(

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import one_line
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(REPO_ROOT / "data" / "models" / "tinystories-4l")
 
@@ -299,8 +301,7 @@ def _read_architecture(model_id: str) -> str:
     try:
         cfg = AutoConfig.from_pretrained(model_id)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, bad config: all one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model {model_id!r} could not be loaded (not a local folder; hub: {first[:160]})") from None
+        raise ModelError(f"model {model_id!r} could not be loaded (not a local folder; hub: {one_line(e, 160)})") from None
     archs = getattr(cfg, "architectures", None) or []
     if not archs:
         raise ModelError(f"model {model_id!r}: config names no architecture")
@@ -320,8 +321,7 @@ def load_model(model_id: str, device: str = "cpu", dtype: torch.dtype = torch.fl
         model = AutoModelForCausalLM.from_pretrained(model_id, attn_implementation="eager", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model {model_id!r} could not be loaded: {first[:200]}") from None
+        raise ModelError(f"model {model_id!r} could not be loaded: {one_line(e)}") from None
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -393,12 +393,10 @@ def ngram_index(source: str, corpus: str):
 @st.cache_data(max_entries=32, show_spinner=False)
 def cached_rules(source: str, corpus: str, rule_set: str, distance: str, text: str):
     from precompute.jobs.rules import match_prompt
-    from precompute.live import model_lock
 
     lm = state.get_model(source)
     index = ngram_index(source, corpus)
-    with model_lock(lm):
-        return match_prompt(lm, index, text, rule_set, distance)
+    return match_prompt(lm, index, text, rule_set, distance)
 
 
 def _ngram_rule(lm, name: str, source: str, text: str, pos: int) -> None:

@@ -18,6 +18,7 @@ import streamlit as st
 
 from app import cached, render, url
 from app.state import DB_URL, bad_param, get_model, param_int
+from precompute.errors import one_line
 from precompute.models import ModelError
 from precompute.ngrams.views import TokenMatch
 from precompute.store import rules_tables as rq
@@ -179,6 +180,6 @@ else:
     try:
         toks, matches = live_matches(info.source, ov.ngram_corpus, text, ov.rule_set, ov.distance)
     except (ModelError, ValueError, OSError) as e:
-        st.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        st.error(one_line(e))
         st.stop()
     show(toks, matches, param_int("pos", None, 0, 100_000), ov.distance)

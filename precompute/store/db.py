@@ -22,6 +22,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import __version__
+from ..errors import one_line
 from .base import SCHEMA_VERSION, Base, to_blob
 from .tables import MetaRow, ModelRow, RunRow, SequenceRow
 
@@ -121,10 +122,10 @@ def cached_store(url: str) -> Store:
 
 
 def describe_db_error(e: Exception) -> str:
-    msg = str(getattr(e, "orig", e)) or type(e).__name__
+    msg = one_line(getattr(e, "orig", None) or e)
     if "locked" in msg:
         return "the database is locked by another process (a job still writing?); try again when it finishes"
-    return msg.splitlines()[0][:200]
+    return msg
 
 
 def now() -> datetime:

@@ -275,22 +275,6 @@ def layer_neurons(s: Session, model: str, layer: int | None = None, run_id: int 
     ]
 
 
-def neurons_for_token(s: Session, model: str, token_id: int, limit: int = 20, run_id: int | None = None) -> list[tuple[NeuronSummary, float]]:
-    """Neurons whose highest-mean tokens include ``token_id``, by that token's mean activation."""
-    summaries = {(x.layer, x.neuron): x for x in layer_neurons(s, model, None, run_id)}
-    run = latest_run(s, model, "neurons", run_id)
-    hits = []
-    for l, n, tt in s.execute(
-        select(NeuronStatsRow.layer, NeuronStatsRow.neuron, NeuronStatsRow.top_tokens).where(NeuronStatsRow.run_id == run.id)
-    ):
-        for t, m, _c in tt or []:
-            if int(t) == int(token_id):
-                hits.append((summaries[(l, n)], float(m)))
-                break
-    hits.sort(key=lambda h: -h[1])
-    return hits[:limit]
-
-
 def match_tokens(voc: list[str], text: str) -> list[int]:
     """Token ids whose display string is ``text`` with or without one leading space (``dog`` finds
     "dog" and " dog"); when none match exactly, the same ignoring case."""
