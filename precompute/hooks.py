@@ -86,7 +86,9 @@ def hooked(lm: LoadedModel, fns: dict[str, HookFn], stop_after: int | None = Non
             def stop(module, args):
                 raise StopForward
 
-            handles.append(lm.mlp_out(stop_after).register_forward_hook(lambda m, a, o: stop(m, a)))
+            # a pre-hook registered after the others: it fires once they have the input, and the
+            # projection itself never runs
+            handles.append(lm.mlp_out(stop_after).register_forward_pre_hook(stop))
         yield
     finally:
         for h in handles:

@@ -54,6 +54,7 @@ def write_neurons(s: Session, run_id: int, result) -> None:
     """All rows of a neuron-job result, in the caller's transaction."""
     stats, examples = [], []
     for L in result.layers:
+        ex = L.examples
         for n in range(len(L.mean)):
             tt = [
                 [int(t), _r(m), int(c)]
@@ -69,11 +70,12 @@ def write_neurons(s: Session, run_id: int, result) -> None:
                     logit_bottom=[[int(t), _r(v)] for t, v in zip(L.logit_bottom[n], L.logit_bottom_values[n])],
                 )
             )
-            for rank, e in enumerate(L.examples[n]):
+            for rank, e in enumerate(range(ex.offsets[n], ex.offsets[n + 1])):
                 examples.append(
                     dict(
-                        run_id=run_id, layer=L.layer, neuron=n, rank=rank, seq_idx=e.seq, pos=e.pos, act=e.act,
-                        win_start=e.win_start, acts=to_blob(e.acts.astype(np.float32)),
+                        run_id=run_id, layer=L.layer, neuron=n, rank=rank, seq_idx=int(ex.seq[e]), pos=int(ex.pos[e]),
+                        act=float(ex.act[e]), win_start=int(ex.win_start[e]),
+                        acts=to_blob(ex.win[e, : ex.win_len[e]].astype(np.float32)),
                     )
                 )
     for i in range(0, len(stats), 5000):
