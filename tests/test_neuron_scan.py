@@ -47,6 +47,7 @@ def _data(kind: str, n: int, d: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     if kind == "normal":
         A = rng.standard_normal((n, d)).astype(np.float32)
+        A[:, 4 % d] = 1000 + 0.01 * A[:, 4 % d]  # a large mean: the variance must not cancel away
     else:  # ties everywhere: integer values, ReLU zeros, a constant and a dead neuron
         A = np.maximum(rng.integers(-6, 7, (n, d)), 0).astype(np.float32)
         A[:, 1] = 0.5

@@ -8,7 +8,8 @@ Three passes:
 1. moments: min, max, sum, sum of squares, count above zero;
 2. the *prefix*: the tokens of the first ``m`` ranks of a seeded random permutation, in rank
    order. A bin's first ``S`` tokens met here are its ``S`` smallest ranks, so a bin that gets
-   ``S`` of them has its final spectrum sample. The prefix also seeds the top candidates;
+   ``S`` of them has its final spectrum sample. The prefix's histogram also gives the top
+   candidates a first floor;
 3. every other token: histogram bin, top candidates (only values at least the current floor,
    the ``n_cand``-th best so far, can enter), and for a bin whose sample is still short every
    token it has, from which the smallest ranks are kept at the end.
@@ -71,22 +72,26 @@ def _cut(v, c, size, n_keep, key):
 
 @njit(cache=True, fastmath=True)
 def _moments(A, i0, i1, lo, hi, s, s2, npos):
-    """Min, max, sum, sum of squares and count above zero of columns ``i0:i1`` (fastmath: the
-    sums may be reassociated, so the loop vectorises)."""
+    """Min, max, count above zero, and the sum and sum of squares of ``x - x_0`` (shifted by the
+    first value, so the variance does not cancel away) of columns ``i0:i1``. fastmath: the sums
+    may be reassociated, so the loop vectorises."""
     w = i1 - i0
+    shift = np.empty(w, np.float64)
     for q in range(w):
         lo[q] = A[0, i0 + q]
         hi[q] = A[0, i0 + q]
+        shift[q] = A[0, i0 + q]
     for j in range(A.shape[0]):
         row = A[j, i0:i1]
         for q in range(w):
             x = row[q]
             lo[q] = min(lo[q], x)
             hi[q] = max(hi[q], x)
-            xd = np.float64(x)
+            xd = np.float64(x) - shift[q]
             s[q] += xd
             s2[q] += xd * xd
             npos[q] += x > 0
+    return shift
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -180,7 +185,7 @@ def _scan_block(A, perm, rank, m_prefix, key, seq, pos, tok, tok_count, min_coun
     s = np.zeros(w, np.float64)
     s2 = np.zeros(w, np.float64)
     npos = np.zeros(w, np.int64)
-    _moments(A, i0, i1, l, h, s, s2, npos)  # 1.
+    shift = _moments(A, i0, i1, l, h, s, s2, npos)  # 1.
     l64 = l.astype(np.float64)
     sc = np.zeros(w, np.float64)
     for q in range(w):
@@ -294,8 +299,8 @@ def _scan_block(A, perm, rank, m_prefix, key, seq, pos, tok, tok_count, min_coun
         i = i0 + q
         lo[i] = l[q]
         hi[i] = h[q]
-        m = s[q] / n
-        mean[i] = m
+        m = s[q] / n  # mean of the shifted values
+        mean[i] = shift[q] + m
         std[i] = np.sqrt(max(0.0, s2[q] - n * m * m) / (n - 1)) if n > 1 else 0.0
         n_pos[i] = npos[q]
         hist[i] = hs[q]
