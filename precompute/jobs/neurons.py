@@ -186,10 +186,9 @@ def _collect(lm: LoadedModel, plan: list[Batch], index: _Index, layers: list[int
 
 
 def _layer(a: torch.Tensor, bos: torch.Tensor | None, index: _Index, cfg: NeuronsConfig,
-           gen: torch.Generator, threads: int, ext_cap: int | None = None) -> dict:
-    """Everything one layer's pages show except logit effects, from its token-major acts ``a``."""
-    import numba
-
+           gen: torch.Generator, threads: int) -> dict:
+    """Everything one layer's pages show except logit effects, from its token-major acts ``a``
+    (the scan runs on ``threads`` threads, one block of neurons each)."""
     from ..store.base import SAMPLE_DTYPE
     from .neuron_scan import scan
 
@@ -199,14 +198,12 @@ def _layer(a: torch.Tensor, bos: torch.Tensor | None, index: _Index, cfg: Neuron
     rank = rank_key[index.col_key]
     perm = np.empty(n, dtype=np.int64)
     perm[rank] = np.arange(n)
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
     an = a.numpy()
     lo, hi, mean, std, n_pos, hist, sp_n, sp_col, sp_act, ex_n, ex_col, tt_u, tt_mean = scan(
         an, perm, rank, min(n, max(4096, n // 4)), index.col_key, index.col_seq, index.col_pos,
         index.tok_u, index.tok_count, cfg.min_token_count, min(cfg.n_top_tokens, len(index.tokens)),
         cfg.n_bins, cfg.samples_per_bin, min(n, cfg.top_k * 8), cfg.top_k, cfg.ctx_before, threads,
-        ext_cap if ext_cap is not None else 2 * cfg.n_bins * cfg.samples_per_bin * -(-d // threads))
+        2 * cfg.n_bins * cfg.samples_per_bin * -(-d // threads))
     taken = np.arange(sp_col.shape[1]) < sp_n[:, None]
     cols = sp_col[taken]
     rec = np.empty(len(cols), dtype=SAMPLE_DTYPE)
@@ -254,7 +251,7 @@ def run(lm: LoadedModel, seqs: Sequences, cfg: NeuronsConfig = NeuronsConfig()) 
     if index.n_scored == 0:
         raise ValueError("the corpus has no tokens to score (every sequence is only a BOS)")
     gen = torch.Generator().manual_seed(cfg.seed)
-    threads = torch.get_num_threads()
+    threads = max(1, torch.get_num_threads())
     groups = _layer_groups(lm, layers, index.n, cfg.memory_budget_mb)
     result = NeuronsResult(config=cfg, n_scored=index.n_scored)
     with tqdm(total=index.n * len(groups), desc="neurons", unit="tok", unit_scale=True) as bar:
