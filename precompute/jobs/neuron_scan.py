@@ -132,13 +132,14 @@ def _short_tokens(A, i0, i1, rank, m_prefix, short, l64, sc, n_ext):
 
 
 def scan(A, perm, rank, m_prefix, key, seq, pos, tok, tok_count, min_count, n_top, n_bins, S, n_cand, top_k, ctx_before,
-         n_blocks, ext_cap):
+         n_blocks, ext_cap=None):
     """``A`` float32 [n, d]; per token row: ``rank`` (its place in the seeded permutation
     ``perm``), ``key`` (corpus order), ``seq``/``pos``, ``tok`` (token, numbered 0..len(tok_count)-1;
     the ``n_top`` with the highest mean among those seen ``min_count`` times are returned).
     The neurons are cut into ``n_blocks`` blocks scanned on as many threads (the compiled code
     releases the GIL). ``ext_cap``: slots per block for the tokens of short bins (more are
-    collected in one extra pass). Returns per-neuron arrays."""
+    collected in one extra pass; default twice the sample slots of a block). Returns per-neuron
+    arrays."""
     n, d = A.shape
     out = (
         np.empty(d, np.float32),  # lo
@@ -156,6 +157,8 @@ def scan(A, perm, rank, m_prefix, key, seq, pos, tok, tok_count, min_count, n_to
         np.zeros((d, n_top), np.float64),  # tt_mean
     )
     width = max(1, -(-d // max(1, n_blocks)))
+    if ext_cap is None:
+        ext_cap = 2 * n_bins * S * width
 
     def one(i0):
         _scan_block(A, perm, rank, m_prefix, key, seq, pos, tok, tok_count, min_count, n_top, n_bins, S, n_cand,

@@ -192,7 +192,7 @@ def _layer(a: torch.Tensor, bos: torch.Tensor | None, index: _Index, cfg: Neuron
     from ..store.base import SAMPLE_DTYPE
     from .neuron_scan import scan
 
-    n, d = a.shape
+    n = a.shape[0]
     rank_key = np.empty(n, dtype=np.int64)  # rank of every corpus-order token in a seeded permutation
     rank_key[torch.randperm(n, generator=gen).numpy()] = np.arange(n)
     rank = rank_key[index.col_key]
@@ -202,8 +202,7 @@ def _layer(a: torch.Tensor, bos: torch.Tensor | None, index: _Index, cfg: Neuron
     lo, hi, mean, std, n_pos, hist, sp_n, sp_col, sp_act, ex_n, ex_col, tt_u, tt_mean = scan(
         an, perm, rank, min(n, max(4096, n // 4)), index.col_key, index.col_seq, index.col_pos,
         index.tok_u, index.tok_count, cfg.min_token_count, min(cfg.n_top_tokens, len(index.tokens)),
-        cfg.n_bins, cfg.samples_per_bin, min(n, cfg.top_k * 8), cfg.top_k, cfg.ctx_before, threads,
-        2 * cfg.n_bins * cfg.samples_per_bin * -(-d // threads))
+        cfg.n_bins, cfg.samples_per_bin, min(n, cfg.top_k * 8), cfg.top_k, cfg.ctx_before, threads)
     taken = np.arange(sp_col.shape[1]) < sp_n[:, None]
     cols = sp_col[taken]
     rec = np.empty(len(cols), dtype=SAMPLE_DTYPE)
