@@ -10,21 +10,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
+from sqlalchemy import func, select
 
-from precompute.store import neurons as nq
+from precompute.jobs.neurons import tables as nq
 from precompute.store import queries as q
+from precompute.store.tables import RunRow
 
 from .state import get_store
 
 
 def db_version(url: str) -> float:
-    """Changes whenever a SQLite database file is rewritten (0 for other databases)."""
+    """Changes whenever a new run completes: a SQLite file's modification time; on a database
+    server, the newest complete run's id (one small query)."""
     if url.startswith("sqlite:///"):
         try:
             return Path(url[len("sqlite:///") :]).stat().st_mtime
         except OSError:
             return 0.0
-    return 0.0
+    try:
+        with _session(url) as s:
+            return float(s.scalar(select(func.max(RunRow.id)).where(RunRow.status == "complete")) or 0)
+    except Exception:  # noqa: BLE001 - the page reports an unusable database itself
+        return 0.0
 
 
 def _session(url: str):

@@ -1,12 +1,14 @@
-"""Run a model live on a prompt and read one neuron: the "test this neuron" box (no Streamlit here)."""
+"""Run a model live on a prompt and read one neuron or one head: the neuron page's "test this
+neuron" box and the head page's live pattern (no Streamlit here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from precompute.hooks import neuron_acts
+from precompute.hooks import neuron_acts, run_with_patterns
 from precompute.models import LoadedModel
 
 
@@ -48,4 +50,26 @@ def neuron_on_text(lm: LoadedModel, text: str, layer: int, neuron: int, prepend_
     return LiveActs(
         ids=tuple(ids), tokens=tuple(lm.token_strs(ids)), special=tuple(i in special for i in ids),
         acts=tuple(acts), n_prompt_tokens=n, n_ctx=lm.n_ctx,
+    )
+
+
+@dataclass(frozen=True)
+class LivePattern:
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    special: tuple[bool, ...]
+    pattern: np.ndarray  # [q, k] float32, 0 above the diagonal
+
+
+def head_on_text(lm: LoadedModel, text: str, layer: int, head: int, prepend_bos: bool | None = None) -> LivePattern:
+    """One head's attention pattern on the first ``n_ctx`` tokens of ``text`` (the head page's live prompt)."""
+    lm.check_head(layer, head)
+    ids = lm.encode(text, prepend_bos=prepend_bos)[: lm.n_ctx]
+    if not ids:
+        return LivePattern((), (), (), np.zeros((0, 0), np.float32))
+    _, patterns = run_with_patterns(lm, torch.tensor([ids], dtype=torch.long))
+    special = lm.special_ids
+    return LivePattern(
+        ids=tuple(ids), tokens=tuple(lm.token_strs(ids)), special=tuple(i in special for i in ids),
+        pattern=patterns[int(layer)][0, int(head)].float().cpu().numpy(),
     )

@@ -9,14 +9,16 @@ import os
 
 import streamlit as st
 
-from precompute.store.db import DEFAULT_DB, StoreError, open_store
+from precompute.store.db import DEFAULT_DB, StoreError
+from precompute.store.db import open_readonly
 
 DB_URL = os.environ.get("TINYSCOPE_DB", DEFAULT_DB)
 
 
 @st.cache_resource(show_spinner=False)
 def get_store(url: str = DB_URL):
-    return open_store(url, create=False)
+    """The database, read-only: no page can change it."""
+    return open_readonly(url)
 
 
 def store_or_stop():

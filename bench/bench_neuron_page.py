@@ -72,7 +72,7 @@ def main() -> None:
     from app.live import neuron_on_text
     from precompute.models import load_model
     from precompute.store.db import open_store
-    from precompute.store.neurons import layer_neurons, neuron_page
+    from precompute.jobs.neurons.tables import layer_neurons, neuron_page
     from precompute.store.queries import list_models
 
     models = available_models()

@@ -6,10 +6,7 @@ Bad input gets one line on stderr and exit code 2; nothing in the database is ch
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-from datetime import datetime
 
 from .corpus import CorpusError
 from .models import DEFAULT_MODEL, ModelError
@@ -47,21 +44,29 @@ def _add_train(sub):
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="run precompute jobs over a corpus and cache the results")
+    p = sub.add_parser("run", help="sweep a model over a corpus once for all the jobs and cache the results")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: the bundled model)")
     p.add_argument("--corpus", default=None, help="text file or hf:<dataset>[:split]; default: stories sampled from the model")
     p.add_argument("--separator", default="auto", choices=["auto", "eot", "newline", "blank"])
     p.add_argument("--db", default=DEFAULT_DB, help="SQLAlchemy URL (default: data/tinyscope.db)")
     p.add_argument("--jobs", default=DEFAULT_JOBS, help="comma-separated: " + ", ".join(_jobs()))
-    p.add_argument("--max-tokens", type=int, default=50_000, help="tokens fed to the model (BOS included)")
+    p.add_argument("--max-tokens", type=int, default=50_000, help="tokens fed to the model, BOS included (0: the whole corpus)")
     p.add_argument("--ctx-len", type=int, default=256, help="tokens per sequence (BOS included)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-tokens", type=int, default=500_000,
+                   help="tokens per shard: the unit of progress, of resuming and of work sent to a Ray worker")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each sequence")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--sample-stories", type=int, default=200, help="stories to sample when no corpus is given")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=int, default=None, metavar="RUN",
+                   help="continue the killed sweep that run RUN belongs to (its other options are taken from the run)")
+    p.add_argument("--workers", type=int, default=1, help="sweep shards on a local Ray cluster of N workers (pip install tinyscope[ray])")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    p.add_argument("--lock-wait", type=float, default=60.0, help="seconds to wait for a locked database before giving up")
+    p.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: act as if killed
     for factory in _jobs().values():
         spec = factory()
         if spec.add_args is not None:
@@ -71,35 +76,14 @@ def _add_run(sub):
 def _add_show(sub):
     p = sub.add_parser("show", help="print cached data as JSON (what the pages show)")
     what = p.add_subparsers(dest="what", required=True)
-    n = what.add_parser("neuron")
-    n.add_argument("--model", required=True)
-    n.add_argument("--layer", type=int, required=True)
-    n.add_argument("--neuron", type=int, required=True)
-    n.add_argument("--run", type=int, default=None)
-    n.add_argument("--db", default=DEFAULT_DB)
-    n.add_argument("--json", action="store_true", help="print JSON (the only format)")
-    for name, (add, _handler) in SHOWS.items():
+    for name, (add, _handler) in _shows().items():
         add(what.add_parser(name))
 
 
 def _add_runs(sub):
     p = sub.add_parser("runs", help="list the complete runs in a database")
     p.add_argument("--db", default=DEFAULT_DB)
-
-
-def _json_default(o):
-    if isinstance(o, datetime):
-        return o.isoformat(timespec="seconds")
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-
-
-def print_json(obj) -> None:
-    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-    print(json.dumps(data, default=_json_default, indent=1))
+    p.add_argument("--all", action="store_true", help="also list unfinished (running or killed) runs")
 
 
 def cmd_train(args) -> int:
@@ -120,68 +104,76 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     from .corpus import load_corpus, sample_corpus
     from .models import load_model
-    from .sequences import tokenize
-    from .store.db import now, open_store, write_run
+    from .runs import PLACE_OPTIONS, RunSetup, execute, find_sweep
+    from .sequences import shards
+    from .store.db import check_writable, open_store, shown_url
 
+    store = None
+    run_ids: dict = {}
+    if args.resume is not None:
+        store = open_store(args.db, create=False)
+        saved, run_ids = find_sweep(store, args.resume)
+        for k, v in saved.items():
+            if k not in PLACE_OPTIONS:
+                setattr(args, k, v)
     jobs = _jobs()
     names = [j.strip() for j in args.jobs.split(",") if j.strip()]
     unknown = [j for j in names if j not in jobs]
     if unknown or not names:
         raise ValueError(f"unknown job {', '.join(unknown) or '(none)'}; jobs: {', '.join(jobs)}")
-    store = open_store(args.db)  # refuse a foreign/old database before any work
+    if args.shard_tokens < 1 or args.batch_size < 1:
+        raise ValueError("--shard-tokens and --batch-size must be at least 1")
+    specs = [jobs[n]() for n in names]
+    configs = [(spec, spec.config(args)) for spec in specs]  # bad options fail before any work
+    corpus = load_corpus(args.corpus, args.separator) if args.corpus else None  # checked before the database
     lm = load_model(args.model, device=args.device)
     if args.layers:
-        for l in args.layers.split(","):
-            lm.check_layer(int(l))
-    if args.corpus:
-        corpus = load_corpus(args.corpus, args.separator)
-    else:
+        for layer in str(args.layers).split(","):
+            lm.check_layer(int(layer))
+    if store is None:  # only once the input is known good: a bad corpus or model creates no database
+        store = open_store(args.db)  # refuses a foreign or other-version database
+    check_writable(store)
+    if corpus is None:
         print(f"no --corpus given: sampling {args.sample_stories} stories from the model (seed {args.seed})", file=sys.stderr)
         corpus = sample_corpus(lm, n_stories=args.sample_stories, seed=args.seed)
-    seqs = tokenize(lm, corpus, ctx_len=args.ctx_len, max_tokens=args.max_tokens, prepend_bos=False if args.no_bos else None)
-    print(f"{lm.model_id}: {len(seqs.ids)} sequences, {seqs.n_tokens:,} tokens "
-          f"({'BOS prepended' if seqs.prepend_bos else 'no BOS'}) from {corpus.name}", file=sys.stderr)
-    for name in names:
-        spec = jobs[name]()
-        cfg = spec.make_config(args)
-        started = now()
-        result = spec.run(lm, seqs, cfg)
-        params = cfg.params() if hasattr(cfg, "params") else dataclasses.asdict(cfg)
-        params.update(ctx_len=args.ctx_len, max_tokens=args.max_tokens, device=args.device)
-        with store.session.begin() as s:
-            run = write_run(s, lm, name, seqs, params, started, spec.summary(result))
-            spec.write(s, run.id, result)
-            run_id = run.id
-        print(f"{name}: run {run_id} complete ({seqs.n_scored:,} tokens scored) in {args.db}")
+    max_tokens = args.max_tokens or None
+    bos = False if args.no_bos else None
+
+    def all_shards():
+        return shards(lm, corpus, args.shard_tokens, ctx_len=args.ctx_len, max_tokens=max_tokens, prepend_bos=bos)
+
+    params = {k: v for k, v in vars(args).items() if k not in PLACE_OPTIONS and k != "func"}
+    params["model"] = str(lm.model_id)
+    setup = RunSetup(
+        lm=lm, jobs=configs, shards=all_shards, batch_size=args.batch_size, corpus_name=corpus.name,
+        synthetic=corpus.synthetic, prepend_bos=lm.bos_id is not None and not args.no_bos, params=params,
+        lock_wait=args.lock_wait, stop_after_shards=args.stop_after_shards, run_ids=run_ids,
+    )
+    if args.workers > 1 or args.ray_address:
+        from .ray_sweep import ray_sweep
+
+        setup.sweep_shards = ray_sweep(args, names)
+    print(f"{lm.model_id}: {', '.join(names)} over {corpus.name} "
+          f"({'BOS prepended' if setup.prepend_bos else 'no BOS'}, shards of {args.shard_tokens:,} tokens)", file=sys.stderr)
+    done = execute(store, setup)
+    for name, rid in done.items():
+        print(f"{name}: run {rid} complete in {shown_url(args.db)}")
     return 0
+
+
+def _shows() -> dict:
+    """`precompute show NAME`: NAME -> (add_arguments(parser), handler(args, store) -> exit code),
+    from every job's spec. Each handler prints JSON of the same query the page uses."""
+    out = {}
+    for factory in _jobs().values():
+        out.update(factory().shows)
+    return out
 
 
 def cmd_show(args) -> int:
     from .store.db import cached_store
 
-    store = cached_store(args.db)
-    if args.what == "neuron":
-        from .store.neurons import neuron_page
-
-        with store.session() as s:
-            print_json(neuron_page(s, args.model, args.layer, args.neuron, args.run))
-        return 0
-    return SHOWS[args.what][1](args, store)
-
-
-# `precompute show NAME`: NAME -> (add_arguments(parser), handler(args, store) -> exit code).
-# Each handler prints JSON of the same query the page uses.
-SHOWS: dict = {}
-from .store.heads_tables import SHOW_HEAD, SHOW_HEADS  # noqa: E402
-
-SHOWS["head"] = SHOW_HEAD
-SHOWS["heads"] = SHOW_HEADS
-from .store.rules_tables import SHOW_RULES  # noqa: E402
-
-SHOWS["rules"] = SHOW_RULES
-from .store.embeddings_tables import SHOW_RETRIEVAL  # noqa: E402
-
-SHOWS["retrieval"] = SHOW_RETRIEVAL
+    return _shows()[args.what][1](args, cached_store(args.db))
 
 
 def cmd_runs(args) -> int:
@@ -189,8 +181,9 @@ def cmd_runs(args) -> int:
     from .store.queries import list_runs
 
     with cached_store(args.db).session() as s:
-        for r in list_runs(s):
-            print(f"{r.id:4d}  {r.model:24s} {r.job:11s} {r.n_tokens:9,d} tokens  {r.corpus}  ({r.finished_at:%Y-%m-%d %H:%M})")
+        for r in list_runs(s, include_incomplete=args.all):
+            when = f"{r.finished_at:%Y-%m-%d %H:%M}" if r.finished_at else f"{r.status}, resume with --resume {r.id}"
+            print(f"{r.id:4d}  {r.model:24s} {r.job:11s} {r.n_tokens:9,d} tokens  {r.corpus}  ({when})")
     return 0
 
 

@@ -10,10 +10,10 @@ Story separators in text files (``--separator auto`` picks):
 
 from __future__ import annotations
 
+import codecs
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 from .errors import one_line
 
@@ -27,55 +27,119 @@ class CorpusError(ValueError):
     """A corpus that cannot be used; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
 class Corpus:
-    name: str  # what the run records: a path, a dataset id, or "sampled:<model>"
-    stories: tuple[str, ...]
-    synthetic: bool = False  # sampled from a model, not real training text
+    """Stories, read lazily: ``iter_stories()`` streams them (a large file never sits in memory);
+    ``stories`` materialises them all (small corpora, the n-gram index, training)."""
 
-    def __post_init__(self):
-        if not self.stories:
+    def __init__(self, name: str, stories: Iterable[str] | None = None, synthetic: bool = False,
+                 reader: Callable[[], Iterator[str]] | None = None):
+        self.name = name  # what the run records: a path, a dataset id, or "sampled:<model>"
+        self.synthetic = synthetic  # sampled from a model, not real training text
+        self._stories = tuple(stories) if stories is not None else None
+        self._reader = reader
+        if self._stories is not None and not self._stories:
             raise CorpusError(f"corpus {self.name!r} has no stories")
+
+    def iter_stories(self) -> Iterator[str]:
+        if self._stories is not None:
+            return iter(self._stories)
+        return self._reader()
+
+    @property
+    def stories(self) -> tuple[str, ...]:
+        if self._stories is None:
+            self._stories = tuple(self.iter_stories())
+            if not self._stories:
+                raise CorpusError(f"corpus {self.name!r} has no stories")
+        return self._stories
+
+
+def detect_separator(text: str) -> Separator:
+    if EOT in text:
+        return "eot"
+    if len(_LONE_NEWLINE.findall(text.strip())) >= 0.1 * len(_BLANK.findall(text)):
+        # lone newlines are common: they separate stories and blank lines are paragraphs
+        return "newline"
+    return "blank"
+
+
+_SPLIT = {"eot": re.compile(re.escape(EOT)), "newline": _LONE_NEWLINE, "blank": _BLANK}
 
 
 def split_stories(text: str, separator: Separator = "auto") -> list[str]:
     text = text.replace("\r\n", "\n")
     if separator == "auto":
-        if EOT in text:
-            separator = "eot"
-        elif len(_LONE_NEWLINE.findall(text.strip())) >= 0.1 * len(_BLANK.findall(text)):
-            # lone newlines are common: they separate stories and blank lines are paragraphs
-            separator = "newline"
-        else:
-            separator = "blank"
-    if separator == "eot":
-        parts = text.split(EOT)
-    elif separator == "newline":
-        parts = _LONE_NEWLINE.split(text)
-    else:
-        parts = _BLANK.split(text)
-    return [p.strip() for p in parts if p.strip()]
+        separator = detect_separator(text)
+    return [p.strip() for p in _SPLIT[separator].split(text) if p.strip()]
+
+
+BLOCK = 4 << 20  # bytes read at a time; the separator is guessed from the first block
+
+
+def _iter_file_stories(path: Path, separator: Separator, max_stories: int | None) -> Iterator[str]:
+    """Stories of a UTF-8 text file, read block by block. A block is split at its last separator
+    that ends well before the block's end (so a separator cut by the block edge is never
+    misread); the rest is carried into the next block."""
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    sep: Separator | None = None if separator == "auto" else separator
+    carry = ""
+    n = 0
+    read = 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(BLOCK)
+            try:
+                text = dec.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"corpus {str(path)!r} is not UTF-8 text (byte {read + e.start})") from None
+            read += len(raw)
+            buf = (carry + text).replace("\r\n", "\n")
+            if sep is None:
+                sep = detect_separator(buf)
+            if raw:
+                cut = None
+                for m in _SPLIT[sep].finditer(buf):
+                    if m.end() < len(buf) - 16:
+                        cut = m
+                if cut is None:
+                    carry = buf
+                    continue
+                body, carry = buf[: cut.start()], buf[cut.end() :]
+            else:
+                body, carry = buf, ""
+            for part in _SPLIT[sep].split(body):
+                part = part.strip()
+                if part:
+                    yield part
+                    n += 1
+                    if max_stories is not None and n >= max_stories:
+                        return
+            if not raw:
+                return
 
 
 def read_text_corpus(path: str | Path, separator: Separator = "auto", max_stories: int | None = None) -> Corpus:
+    """A text file's stories, streamed. The file is checked here (exists, not empty, not binary,
+    UTF-8 at the start); a bad byte further on stops the run with one line."""
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"corpus {str(path)!r} not found")
     if path.is_dir():
         raise CorpusError(f"corpus {str(path)!r} is a folder; give a text file")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise CorpusError(f"corpus {str(path)!r} is empty")
-    if b"\x00" in raw[:65536]:
-        raise CorpusError(f"corpus {str(path)!r} looks binary (NUL bytes); give a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"corpus {str(path)!r} is not UTF-8 text (byte {e.start})") from None
-    stories = split_stories(text, separator)
-    if max_stories is not None:
-        stories = stories[:max_stories]
-    return Corpus(name=str(path), stories=tuple(stories))
+    with open(path, "rb") as f:
+        head = f.read(65536)
+        if b"\x00" in head:
+            raise CorpusError(f"corpus {str(path)!r} looks binary (NUL bytes); give a UTF-8 text file")
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:  # not just a character cut by the 64 KB edge
+                raise CorpusError(f"corpus {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+        while not head.strip():
+            if not head:
+                raise CorpusError(f"corpus {str(path)!r} is empty")
+            head = f.read(BLOCK)
+    return Corpus(name=str(path), reader=lambda: _iter_file_stories(path, separator, max_stories))
 
 
 def read_hf_dataset(spec: str, max_stories: int | None = None) -> Corpus:
@@ -87,18 +151,25 @@ def read_hf_dataset(spec: str, max_stories: int | None = None) -> Corpus:
         import datasets  # noqa: PLC0415 - optional dependency
     except ImportError:
         raise CorpusError("Hugging Face datasets need `pip install datasets`") from None
-    try:
-        ds = datasets.load_dataset(dataset_id, split=split, streaming=True)
-        stories = []
-        for row in ds:
-            text = row.get("text") or ""
-            if text.strip():
-                stories.append(text.strip())
-            if max_stories is not None and len(stories) >= max_stories:
-                break
-    except Exception as e:  # noqa: BLE001 - offline or unknown id: one line
-        raise CorpusError(f"dataset {dataset_id!r} could not be loaded: {one_line(e, 160)}") from None
-    return Corpus(name=spec, stories=tuple(stories))
+    def rows() -> Iterator[str]:
+        try:
+            ds = datasets.load_dataset(dataset_id, split=split, streaming=True)
+            n = 0
+            for row in ds:
+                text = (row.get("text") or "").strip()
+                if text:
+                    yield text
+                    n += 1
+                if max_stories is not None and n >= max_stories:
+                    return
+        except Exception as e:  # noqa: BLE001 - offline or unknown id: one line
+            raise CorpusError(f"dataset {dataset_id!r} could not be loaded: {one_line(e, 160)}") from None
+
+    corpus = Corpus(name=spec, reader=rows)
+    first = next(iter(corpus.iter_stories()), None)  # fail now, not after the model is loaded
+    if first is None:
+        raise CorpusError(f"dataset {dataset_id!r} has no text rows")
+    return corpus
 
 
 def load_corpus(spec: str, separator: Separator = "auto", max_stories: int | None = None) -> Corpus:

@@ -18,8 +18,9 @@ Ablation conventions (TransformerLens names):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Literal
 
 import numpy as np
@@ -224,6 +225,13 @@ class Continuation:
         return "".join(self.new_strs)
 
 
+@cache
+def _cache_arg(model_class: type) -> str:
+    """The forward argument (and output field) of the KV cache: ``cache`` from transformers 5 on,
+    where the old ``past_key_values`` warns on every call; ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def continue_text(
     lm: LoadedModel, text: str, n_tokens: int = 20, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True
@@ -240,13 +248,14 @@ def continue_text(
     new, probs = [], []
     stopped = "length"
     past = None
+    cache_arg = _cache_arg(type(lm.model))
     step_in = torch.tensor([ids], dtype=torch.long)
     for _ in range(int(n_tokens)):
         if len(ids) >= lm.n_ctx:
             stopped = "context full"
             break
-        out = lm.forward(step_in, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = lm.forward(step_in, use_cache=True, **{cache_arg: past})
+        past = getattr(out, cache_arg)
         logits = out.logits[0, -1].float().cpu()
         p1 = torch.softmax(logits, -1)
         if temperature == 0:
@@ -477,7 +486,7 @@ def ablate(
 
 def neuron_corpus_mean(s, model: str, layer: int, neuron: int) -> float | None:
     """The neuron's mean activation over the corpus from the newest neuron run, or None when no run covers it."""
-    from .store.neurons import layer_neurons
+    from .jobs.neurons.tables import layer_neurons
     from .store.queries import NotFound
 
     try:

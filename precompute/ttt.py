@@ -1,7 +1,8 @@
 """Test-time fine-tuning sandbox: what a few optimiser steps on chosen examples change.
 
-``run_sandbox`` deep-copies the loaded model (the original is never touched: its parameters stay
-bit-for-bit equal and keep ``requires_grad=False``), then either
+``run_sandbox`` deep-copies the loaded model under its lock, so no other session's hooks come
+along (the original is never touched: its parameters stay bit-for-bit equal and keep
+``requires_grad=False``), then either
 
 - ``finetune``: takes ``steps`` Adam steps (learning rate ``lr``) on the selected examples, all of
   them in one batch per step, next-token loss on every example token; each example is one
@@ -19,6 +20,7 @@ a rule function is given, the optimal n-gram rule per prompt token. The copy is 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
@@ -136,14 +138,23 @@ def _lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def private_copy(lm: LoadedModel) -> LoadedModel:
+    """A deep copy of the shared model with its own lock. The copy is taken holding ``lm.lock``:
+    another session's hooks exist only while its thread holds that lock, so none is copied."""
+    with lm.lock:
+        model = copy.deepcopy(lm.model)
+    return replace(lm, model=model, _display=lm._display, lock=threading.RLock())
+
+
 def finetune_copy(lm: LoadedModel, examples: list[list[int]], steps: int, lr: float) -> tuple[LoadedModel, list[float]]:
     """A fine-tuned deep copy of ``lm`` and the example loss before each step and after the last
     (no examples, zero steps: an unchanged copy and no losses)."""
     if not examples:
-        return replace(lm, model=copy.deepcopy(lm.model), _display=lm._display), []
+        return private_copy(lm), []
     ids, labels = _training_batch(lm, examples)
     ids, labels = ids.to(lm.device), labels.to(lm.device)
-    model = copy.deepcopy(lm.model)
+    copied = private_copy(lm)
+    model = copied.model
     model.eval()  # no dropout: the change comes from the steps only
     params = list(model.parameters())
     for p in params:
@@ -161,7 +172,7 @@ def finetune_copy(lm: LoadedModel, examples: list[list[int]], steps: int, lr: fl
         p.requires_grad_(False)
     with torch.inference_mode():
         losses.append(float(_lm_loss(model, ids, labels)))
-    return replace(lm, model=model, _display=lm._display), losses
+    return copied, losses
 
 
 @torch.inference_mode()

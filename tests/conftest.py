@@ -62,20 +62,35 @@ def seqs260k(lm260k, valid_corpus):
 
 
 @pytest.fixture(scope="session")
-def neurons_db(tmp_path_factory, lm260k, seqs260k):
-    """A database with one complete neuron run of stories260K (URL string)."""
-    from precompute.jobs import JOBS
-    from precompute.store.db import now, open_store, write_run
+def neurons_db(tmp_path_factory, stories260k_path, valid_corpus):
+    """A database with one complete neuron run of stories260K (URL string), made by `precompute run`
+    on the same ~4,000 tokens as ``seqs260k``."""
+    from precompute.cli import main
 
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'neurons.db'}"
-    store = open_store(url)
-    spec = JOBS["neurons"]()
-    from precompute.jobs.neurons import NeuronsConfig
-
-    cfg = NeuronsConfig(top_k=10)
-    res = spec.run(lm260k, seqs260k, cfg)
-    with store.session.begin() as s:
-        run = write_run(s, lm260k, "neurons", seqs260k, cfg.params(), now())
-        spec.write(s, run.id, res)
-    store.engine.dispose()
+    assert main(["run", "--model", str(stories260k_path), "--corpus", str(valid_corpus), "--db", url, "--jobs", "neurons",
+                 "--ctx-len", "128", "--max-tokens", "4000", "--top-k", "10"]) == 0
     return url
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: a server of this test session's own (tests/pg_server.py), skipped where none can run
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server (127.0.0.1, a free port); ``pg_server.create_database(name)`` -> URL."""
+    from pg_server import PgServer, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server) -> str:
+    """``postgresql+psycopg://tinyscope@127.0.0.1:PORT/tinyscope``: an empty database on that server."""
+    return pg_server.create_database("tinyscope")

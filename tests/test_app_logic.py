@@ -13,7 +13,7 @@ import torch
 
 from app.hypothesis import Hypothesis, bin_shares, explained_share
 from app.render import tokens_html, visible_text
-from precompute.store.neurons import match_tokens
+from precompute.jobs.neurons.tables import match_tokens
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -88,7 +88,7 @@ def test_hypothesis_errors():
 def test_explained_share_on_stored_spectrum(neurons_db):
     """On real data: the estimate equals a direct count wherever every bin was fully sampled."""
     from precompute.store.db import open_store
-    from precompute.store.neurons import neuron_page
+    from precompute.jobs.neurons.tables import neuron_page
 
     with open_store(neurons_db, create=False).session() as s:
         p = neuron_page(s, "stories260K", 0, 0)
@@ -115,7 +115,7 @@ def test_match_tokens():
 
 def test_neurons_for_tokens_against_brute_force(neurons_db):
     from precompute.store.db import open_store
-    from precompute.store.neurons import NeuronStatsRow, neurons_for_tokens
+    from precompute.jobs.neurons.tables import NeuronStatsRow, neurons_for_tokens
     from precompute.store.queries import vocab
     from sqlalchemy import select
 
@@ -164,7 +164,7 @@ def test_live_matches_the_stored_examples(lm260k, neurons_db):
     """Running a stored example's sequence live gives the activations the job stored."""
     from app.live import neuron_on_ids
     from precompute.store.db import open_store
-    from precompute.store.neurons import neuron_page
+    from precompute.jobs.neurons.tables import neuron_page
     from precompute.store.queries import sequence_tokens
 
     with open_store(neurons_db, create=False).session() as s:

@@ -40,7 +40,7 @@ def errors(at) -> list[str]:
 
 def test_neuron_page_shows_the_stored_numbers(db):
     from precompute.store.db import open_store
-    from precompute.store.neurons import neuron_page
+    from precompute.jobs.neurons.tables import neuron_page
 
     with open_store(db, create=False).session() as s:
         want = neuron_page(s, MODEL, 2, 5)
@@ -60,7 +60,7 @@ def test_neuron_page_shows_the_stored_numbers(db):
 def test_hypothesis_share_and_url_state(db):
     from app.hypothesis import Hypothesis, explained_share
     from precompute.store.db import open_store
-    from precompute.store.neurons import neuron_page
+    from precompute.jobs.neurons.tables import neuron_page
 
     with open_store(db, create=False).session() as s:
         p = neuron_page(s, MODEL, 1, 3)

@@ -16,11 +16,23 @@ from precompute.cli import main
 
 
 def _snapshot(url: str) -> dict:
+    """Row counts of what pages can see: complete runs and their rows (an unfinished run's rows
+    stay invisible until it completes, and can be resumed)."""
     path = url[len("sqlite:///") :]
     con = sqlite3.connect(path)
     try:
         tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
-        return {t: con.execute(f"select count(*) from {t}").fetchone()[0] for t in tables}
+        out = {}
+        for t in tables:
+            cols = [r[1] for r in con.execute(f"pragma table_info({t})")]
+            if t == "runs":
+                q = "select count(*) from runs where status = 'complete'"
+            elif "run_id" in cols:
+                q = f"select count(*) from {t} where run_id in (select id from runs where status = 'complete')"
+            else:
+                q = f"select count(*) from {t}"
+            out[t] = con.execute(q).fetchone()[0]
+        return out
     finally:
         con.close()
 
@@ -133,7 +145,7 @@ def test_locked_database(capsys, db, stories260k_path, small_corpus):
 
 
 def test_failure_while_writing_rolls_back(monkeypatch, db, stories260k_path, small_corpus):
-    import precompute.store.neurons as neurons_store
+    import precompute.jobs.neurons.tables as neurons_store
 
     real = neurons_store.write_neurons
 
@@ -157,7 +169,7 @@ def test_killed_run_leaves_store_as_before_and_can_rerun(db, stories260k_path, s
     # wait until it is computing, then kill it without warning
     deadline = time.time() + 60
     line = ""
-    while time.time() < deadline and "sequences" not in line:
+    while time.time() < deadline and "shards of" not in line:
         line = proc.stderr.readline()
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)

@@ -256,7 +256,7 @@ def heads_db(tmp_path_factory, stories260k_path, valid_corpus):
 
 def test_head_page_round_trips(heads_db, lm260k):
     from precompute.store.db import open_store
-    from precompute.store.heads_tables import head_page, heads_overview
+    from precompute.jobs.heads.tables import head_page, heads_overview
     from precompute.store.queries import sequence_tokens
 
     with open_store(heads_db, create=False).session() as s:

@@ -342,7 +342,7 @@ def test_bad_ablation_targets_are_clear_errors(lm260k):
 
 def test_neuron_corpus_mean_reads_the_neuron_run(neurons_db, lm260k):
     from precompute.store.db import open_store
-    from precompute.store.neurons import neuron_page
+    from precompute.jobs.neurons.tables import neuron_page
 
     store = open_store(neurons_db, create=False)
     with store.session() as s:

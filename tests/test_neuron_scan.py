@@ -1,121 +1,175 @@
-"""The compiled neuron scan against a plain numpy/Python reference of every definition, on data
-made to be hard: exact ties in value (ReLU zeros, integer values, constant and dead neurons),
-rows not in corpus order, fewer tokens than candidates, more than 256 bins, and the overflow
-path for short-bin tokens."""
+"""The neuron job's compiled kernels (``precompute/jobs/neurons/scan.py``) piece by piece against
+plain Python: the sample hash, the bin-width rule, re-binning, the exact candidate cut with ties,
+the per-sequence greedy, the shown bars, sample contexts, and a whole layer update on data with
+ties everywhere, rows out of corpus order and more candidates than the buffer holds."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
-from precompute.jobs.neuron_scan import scan, windows
+from precompute.jobs.neurons import scan
 
-SEQ_LEN = 50
-
-
-def _reference(A, rank, key, seq, pos, tok, n_tok, min_count, n_top, n_bins, S, n_cand, top_k, before):
-    n, d = A.shape
-    out = []
-    counts = np.bincount(tok, minlength=n_tok)
-    for i in range(d):
-        x = A[:, i]
-        lo, hi = x.min(), x.max()
-        sc = n_bins / (np.float64(hi) - np.float64(lo)) if hi > lo else 0.0
-        b = np.minimum(((x.astype(np.float64) - lo) * sc).astype(np.int64), n_bins - 1)
-        hist = np.bincount(b, minlength=n_bins)
-        sample = set()
-        for bb in range(n_bins):
-            members = np.nonzero(b == bb)[0]
-            sample |= set(members[np.argsort(rank[members])][:S].tolist())
-        order = sorted(range(n), key=lambda j: (-float(x[j]), int(key[j])))[:n_cand]
-        kept = []
-        for j in order:
-            if any(seq[o] == seq[j] and abs(int(pos[o]) - int(pos[j])) <= before for o in kept):
-                continue
-            kept.append(j)
-            if len(kept) == top_k:
-                break
-        sums = np.bincount(tok, weights=x.astype(np.float64), minlength=n_tok)
-        means = {t: sums[t] / counts[t] for t in range(n_tok) if counts[t] >= min_count}
-        top = sorted(means, key=lambda t: (-means[t], t))[:n_top]
-        out.append(dict(lo=lo, hi=hi, mean=x.astype(np.float64).mean(), std=x.astype(np.float64).std(ddof=1),
-                        npos=int((x > 0).sum()), hist=hist, sample=sample, kept=kept, top=top))
-    return out
+S = 4
 
 
-def _data(kind: str, n: int, d: int, seed: int = 0):
+def test_splitmix64_and_the_sample_hash():
+    assert int(scan.splitmix64(np.array([0], np.uint64))[0]) == 0xE220A8397B1DCDAF  # splitmix64's first output, seed 0
+    keys = np.arange(-5, 100_000, dtype=np.int64)
+    h = scan.sample_hash(keys, seed=3)
+    assert len(np.unique(h)) == len(keys)  # a bijection: keys never tie
+    assert not np.array_equal(h, scan.sample_hash(keys, seed=4))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_exponent_is_the_smallest_that_fits(seed):
     rng = np.random.default_rng(seed)
-    if kind == "normal":
-        A = rng.standard_normal((n, d)).astype(np.float32)
-        A[:, 4 % d] = 1000 + 0.01 * A[:, 4 % d]  # a large mean: the variance must not cancel away
-    else:  # ties everywhere: integer values, ReLU zeros, a constant and a dead neuron
-        A = np.maximum(rng.integers(-6, 7, (n, d)), 0).astype(np.float32)
-        A[:, 1] = 0.5
-        A[:, 2] = 0.0
-        A[rng.random(n) < 0.01, 3] = 9.0  # a rare strong value
-    key = rng.permutation(n).astype(np.int64)  # rows are not in corpus order
-    seq = (key // SEQ_LEN).astype(np.int32)
-    pos = (key % SEQ_LEN).astype(np.int32)
-    perm = rng.permutation(n).astype(np.int64)
-    rank = np.empty(n, np.int64)
-    rank[perm] = np.arange(n)
-    tok = rng.integers(0, 40, n).astype(np.int64)
-    return A, perm, rank, key, seq, pos, tok
+    for _ in range(200):
+        scale = 10.0 ** rng.integers(-14, 8)
+        lo, hi = np.sort(rng.standard_normal(2) * scale).astype(np.float32)
+        e = scan.fit_exponent(lo, hi, scan.E_MIN)
+        kl, kh = math.floor(float(lo) / 2.0**e), math.floor(float(hi) / 2.0**e)
+        assert kh - kl < 256 and abs(kl) <= 2**50
+        if e > scan.E_MIN:
+            assert math.floor(float(hi) / 2.0 ** (e - 1)) - math.floor(float(lo) / 2.0 ** (e - 1)) >= 256
+    assert scan.fit_exponent(np.float32(0), np.float32(0), scan.E_MIN) == scan.E_MIN
+    big = np.float32(3e38)  # huge equal values: the index bound decides
+    e = scan.fit_exponent(big, big, scan.E_MIN)
+    assert math.floor(float(big) / 2.0**e) <= 2**50 < math.floor(float(big) / 2.0 ** (e - 1)) + 255
 
 
-@pytest.mark.parametrize(
-    "kind,n,d,n_bins,n_cand,top_k,blocks,ext_cap",
-    [
-        ("normal", 3000, 37, 50, 80, 10, 2, 10_000),
-        ("normal", 3000, 37, 50, 80, 10, 3, 1),  # short-bin tokens overflow their slots
-        ("ties", 2500, 9, 50, 16, 4, 2, 10_000),
-        ("ties", 2500, 9, 300, 16, 4, 1, 5),
-        ("normal", 10, 5, 50, 10, 10, 2, 100),  # fewer tokens than candidates
-    ],
-)
-def test_scan_matches_reference(kind, n, d, n_bins, n_cand, top_k, blocks, ext_cap):
-    A, perm, rank, key, seq, pos, tok = _data(kind, n, d)
-    S, before, min_count, n_top = 10, 6, 3, 5
-    tok_count = np.bincount(tok, minlength=40).astype(np.int64)
-    m_prefix = max(1, n // 4)
-    lo, hi, mean, std, n_pos, hist, sp_n, sp_col, sp_act, ex_n, ex_col, tt_id, tt_mean = scan(
-        A, perm, rank, m_prefix, key, seq, pos, tok, tok_count, min_count, n_top, n_bins, S, n_cand, top_k, before,
-        blocks, ext_cap)
-    ref = _reference(A, rank, key, seq, pos, tok, 40, min_count, n_top, n_bins, S, n_cand, top_k, before)
-    for i, r in enumerate(ref):
-        assert lo[i] == r["lo"] and hi[i] == r["hi"]
-        np.testing.assert_allclose(mean[i], r["mean"], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(std[i], r["std"], rtol=1e-6, atol=1e-9)
-        assert n_pos[i] == r["npos"]
-        np.testing.assert_array_equal(hist[i], r["hist"])
-        cols = sp_col[i, : sp_n[i]]
-        assert set(cols.tolist()) == r["sample"], f"neuron {i}: spectrum sample"
-        np.testing.assert_array_equal(sp_act[i, : sp_n[i]], A[cols, i])
-        assert (np.diff(sp_act[i, : sp_n[i]]) >= 0).all()
-        assert ex_col[i, : ex_n[i]].tolist() == r["kept"], f"neuron {i}: top examples"
-        assert [t for t in tt_id[i] if t >= 0] == r["top"], f"neuron {i}: top tokens"
+def _state(values, hashes, e):
+    """One neuron's fine counts and reservoirs at exponent e, built directly (reservoirs sorted)."""
+    st = scan.LayerState.empty(1, S, 1, 1, 0)
+    st.lo[0], st.hi[0], st.ex[0] = values.min(), values.max(), e
+    k = np.floor(values.astype(np.float64) / 2.0**e).astype(np.int64)
+    for sl in range(256):
+        m = np.nonzero((k & 255) == sl)[0]
+        st.bins[0, sl, 0] = len(m)
+        m = m[np.argsort(hashes[m])][:S]
+        st.rh[0, sl, : len(m)] = hashes[m]
+        st.ra[0, sl, : len(m)] = values[m]
+        st.rloc[0, sl, : len(m)] = m
+        st.bins[0, sl, 1] = hashes[m[-1]] if len(m) == S else scan.EMPTY
+    return st
 
 
-def test_windows_hold_every_token_and_bos():
-    A, perm, rank, key, seq, pos, tok = _data("normal", 400, 3)
-    # corpus order rows so that a sequence's tokens are contiguous: row = key
-    A = A[np.argsort(key)]
-    n_seq = 400 // SEQ_LEN
-    seq = np.repeat(np.arange(n_seq), SEQ_LEN).astype(np.int32)
-    pos = (np.tile(np.arange(SEQ_LEN), n_seq) + 1).astype(np.int32)  # position 0 is a BOS row
-    col_start = np.arange(n_seq) * SEQ_LEN
-    lengths = np.full(n_seq, SEQ_LEN + 1)
-    bos = np.arange(n_seq * 3, dtype=np.float32).reshape(n_seq, 3) + 100
-    ex_col = np.array([[0, 75, -1], [399, 120, 3]])
-    ex_n = np.array([2, 3, 0][:2])
-    off, start, length, win = windows(A, bos, ex_n, ex_col, seq, pos, col_start, lengths, 1, 4, 2)
-    assert off.tolist() == [0, 2, 5]
-    for i in range(2):
-        for r in range(ex_n[i]):
-            e = off[i] + r
-            col = ex_col[i, r]
-            k, p = seq[col], pos[col]
-            assert start[e] == max(0, p - 4) and start[e] + length[e] == min(SEQ_LEN + 1, p + 3)
-            for t in range(start[e], start[e] + length[e]):
-                want = bos[k, i] if t == 0 else A[col_start[k] + t - 1, i]
-                assert win[e, t - start[e]] == want
+def _sorted_reservoirs(st):
+    o = np.argsort(st.rh, axis=2)
+    return [np.take_along_axis(getattr(st, n), o, axis=2) for n in ("rh", "ra", "rloc")]
+
+
+def test_regrid_equals_binning_at_the_coarser_width():
+    rng = np.random.default_rng(0)
+    v = (rng.standard_normal(3000) * 0.3).astype(np.float32)
+    h = scan.to_signed(scan.sample_hash(np.arange(3000), 0))
+    e = scan.fit_exponent(v.min(), v.max(), scan.E_MIN)
+    for d in (1, 3, 70):
+        a, b = _state(v, h, e), _state(v, h, e + d)
+        scan._regrid(0, e, e + d, a.lo[0], a.bins, a.rh, a.ra, a.rloc)
+        np.testing.assert_array_equal(a.bins, b.bins, err_msg=f"d={d}")
+        for x, y in zip(_sorted_reservoirs(a), _sorted_reservoirs(b)):
+            np.testing.assert_array_equal(x, y, err_msg=f"d={d}")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cut_keeps_exactly_the_best(seed):
+    rng = np.random.default_rng(seed)
+    n, M = 200, 37
+    v = rng.integers(0, 5, n).astype(np.float32)  # ties everywhere
+    k = rng.permutation(n).astype(np.int64) * 3
+    j = np.arange(n, dtype=np.int64)
+    want = sorted(range(n), key=lambda q: (-v[q], k[q]))[:M]
+    cv, ck, cj = v.copy(), k.copy(), j.copy()
+    t, kt = scan._cut(cv, ck, cj, n, M)
+    assert sorted(cj[:M].tolist()) == sorted(want)
+    assert (t, kt) == (v[want[-1]], k[want[-1]])
+
+
+def _greedy(v, k, r, p, before, K):
+    kept = []
+    for q in sorted(range(len(v)), key=lambda q: (-v[q], k[q])):
+        if any(r[o] == r[q] and abs(p[o] - p[q]) <= before for o in kept):
+            continue
+        kept.append(q)
+    return kept[:K]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_top_is_the_per_sequence_greedy(seed):
+    rng = np.random.default_rng(seed)
+    K, before, after, n = 5, 3, 2, 120
+    lengths = np.full(6, 40, np.int64)
+    seq_idx = np.arange(6, dtype=np.int64) + 100
+    r = rng.integers(0, 6, n).astype(np.int64)
+    p = rng.integers(1, 40, n).astype(np.int64)
+    _, u = np.unique(r * 100 + p, return_index=True)  # one candidate per token
+    r, p = r[u], p[u]
+    v = rng.integers(0, 4, len(r)).astype(np.float32)
+    k = r * 1000 + p
+    A = rng.standard_normal((6, 40, 1)).astype(np.float32)
+    st = scan.LayerState.empty(1, 1, K, before + after + 1, 0)
+    # the list already holds two examples of other sequences (an earlier batch)
+    for val, key in ((2.0, 5), (1.0, 7)):
+        scan._insert_top(0, np.float32(val), key, 1, 1, 0, 1, st.tn, st.tv, st.tk, st.tseq, st.tpos, st.tws, st.twl,
+                         st.twin)
+    scan.select_top(0, v.copy(), k.copy(), r, p, len(r), before, st.tn, st.tv, st.tk, st.tseq, st.tpos, st.tws, st.twl,
+                    st.twin, seq_idx, lengths, after, A, True)
+    cand = [(float(v[q]), int(k[q])) for q in _greedy(v, k, r, p, before, K)]
+    want = sorted(cand + [(2.0, 5), (1.0, 7)], key=lambda c: (-c[0], c[1]))[:K]
+    assert list(zip(st.tv[0, : st.tn[0]].tolist(), st.tk[0, : st.tn[0]].tolist())) == want
+    for j in range(st.tn[0]):
+        if st.tk[0, j] >= 1000:
+            row, pos = divmod(int(st.tk[0, j]), 1000)
+            assert st.tseq[0, j] == row + 100 and st.tws[0, j] == max(0, pos - before)
+            np.testing.assert_array_equal(st.twin[0, j, : st.twl[0, j]], A[row, st.tws[0, j] : pos + after + 1, 0])
+
+
+@pytest.mark.parametrize("span,g,bars", [(1, 1, 1), (25, 1, 25), (74, 1, 74), (75, 2, 38), (124, 2, 62),
+                                         (125, 3, 42), (256, 5, 52)])
+def test_display_bins(span, g, bars):
+    assert scan.display_bins(-7, -7 + span - 1, 50) == (g, bars)
+
+
+def test_contexts_are_clipped_to_the_sequence():
+    flat = np.arange(70, dtype=np.int64)  # sequence 4: tokens 0-49, sequence 9: 50-69
+    seq = np.array([4, 4, 9, 9])
+    pos = np.array([0, 30, 19, 5])
+    at, n_ctx, ctx = scan.contexts(np.array([4, 9]), flat, np.array([0, 50]), np.array([50, 20]), seq, pos, 12, 3)
+    assert at.tolist() == [0, 12, 12, 5] and n_ctx.tolist() == [4, 16, 13, 9]
+    assert ctx[1].tolist() == list(range(18, 34)) and ctx[2, :13].tolist() == list(range(57, 70))
+    assert (ctx[2, 13:] == -1).all() and ctx[3, :9].tolist() == list(range(50, 59))
+
+
+@pytest.mark.parametrize("seed,tile", [(0, 32), (1, 3)])
+def test_update_block_with_a_small_candidate_buffer(seed, tile):
+    """Ties everywhere and a buffer of only 2 * M candidates: many exact cuts inside a batch."""
+    rng = np.random.default_rng(seed)
+    B, T, d, K, before = 6, 50, 7, 3, 1
+    A = np.maximum(rng.integers(-3, 4, (B, T, d)), 0).astype(np.float32)
+    A[:, :, 1] = 2.0
+    lengths = rng.integers(2, T + 1, B).astype(np.int64)
+    lengths[0] = T
+    rkeys = rng.permutation(B).astype(np.int64) * T  # rows out of corpus order
+    keys2d = rkeys[:, None] + np.arange(T)
+    hashes = scan.to_signed(scan.sample_hash(keys2d, 0))
+    tslot = np.full((B, T), -1, np.int64)
+    seq_idx = np.arange(B, dtype=np.int64)
+    st = scan.LayerState.empty(d, S, K, 2 * before + 1, 0)
+    M = K * (2 * before + 1)
+    n_b = int((lengths - 1).sum())
+    status = scan.update_block(A, lengths, 1, rkeys, hashes, tslot, seq_idx, 0, d, 0, n_b, st.lo, st.hi, st.ex, st.mean,
+                               st.m2, st.npos, st.bins, st.rh, st.ra, st.rloc, *st.top_arrays(), st.tsum, M, before,
+                               before, tile)
+    assert status == 0
+    r, p = np.nonzero((np.arange(T)[None, :] >= 1) & (np.arange(T)[None, :] < lengths[:, None]))
+    for i in range(d):
+        x = A[r, p, i]
+        kept = _greedy(x, keys2d[r, p], r, p, before, K)
+        assert st.tk[i, : st.tn[i]].tolist() == [int(keys2d[r[q], p[q]]) for q in kept]
+        assert st.bins[i, :, 0].sum() == len(x) and st.npos[i] == (x > 0).sum()
+        x64 = x.astype(np.float64)
+        np.testing.assert_allclose(st.mean[i], x64.mean(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(st.m2[i], ((x64 - x64.mean()) ** 2).sum(), rtol=1e-9, atol=1e-9)

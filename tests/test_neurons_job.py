@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from precompute.jobs.neurons import NeuronsConfig, run
-from precompute.store.neurons import neuron_page
+from precompute.jobs.neurons.tables import neuron_page
 
 
 def _independent_acts(lm, seqs, layer: int) -> list[np.ndarray]:
@@ -76,26 +78,37 @@ def test_stats_histogram_and_top_tokens(lm260k, seqs260k, result):
     np.testing.assert_allclose(L.max[n], flat.max(), atol=1e-5)
     np.testing.assert_allclose(L.min[n], flat.min(), atol=1e-5)
     np.testing.assert_allclose(L.frac_pos[n], (flat > 0).mean(), atol=1e-6)
-    # histogram counts sum to the token count, for every neuron
-    assert (L.hist.sum(axis=1) == len(flat)).all()
-    ref, _ = np.histogram(flat, bins=np.linspace(flat.min(), flat.max(), result.config.n_bins + 1))
-    assert np.abs(ref - L.hist[n]).sum() <= 2  # only float rounding at bin edges may differ
+    # histogram: bars of g fine bins of width 2^e from floor(min / 2^e), e the smallest >= -40 for
+    # which min..max spans fewer than 256 fine bins, g = round(span / n_bins); every token counted once
+    assert all(h.sum() == len(flat) for h in L.hist)
+    lo, hi = float(L.min[n]), float(L.max[n])  # the plain-hook min and max (checked above)
+    e = -40
+    while math.floor(hi / 2.0**e) - math.floor(lo / 2.0**e) >= 256:
+        e += 1
+    k0 = math.floor(lo / 2.0**e)
+    span = math.floor(hi / 2.0**e) - k0 + 1
+    g = max(1, math.floor(span / result.config.n_bins + 0.5))
+    edges = L.hist_edges[n]
+    np.testing.assert_array_equal(edges, (k0 + np.arange(-(-span // g) + 1) * g) * 2.0**e)
+    assert 40 <= len(L.hist[n]) <= 60
+    ref, _ = np.histogram(flat, bins=edges)
+    near_edge = (np.abs(flat[:, None] - edges[None, :]) < 1e-5).any(axis=1)  # plain hooks round differently
+    assert np.abs(ref - L.hist[n]).sum() <= 2 * near_edge.sum()
     # top tokens by mean activation (tokens seen >= min_token_count times)
     means = {t: flat[toks == t].mean() for t in np.unique(toks) if (toks == t).sum() >= result.config.min_token_count}
     best = sorted(means, key=lambda t: -means[t])[: result.config.n_top_tokens]
     assert list(L.top_tokens[n][: len(best)]) == best
-    # spectrum sample: <= samples_per_bin per bin, each value is the activation at that place
+    # spectrum sample: per bar min(count, samples_per_bin) tokens of that bar, each value the
+    # activation at that place, with its context
     rec = L.spectrum[n]
-    for s, p, a in rec[:50]:
+    for s, p, a in rec[["seq", "pos", "act"]][:50]:
         np.testing.assert_allclose(a, acts[s][p, n], atol=1e-5)
         assert p >= first
-    width = (flat.max() - flat.min()) / result.config.n_bins
-    bins = np.clip(((rec["act"] - flat.min()) / width).astype(int), 0, result.config.n_bins - 1)
-    assert np.bincount(bins).max() <= result.config.samples_per_bin
-    # a bin with at least samples_per_bin tokens contributes exactly that many
-    full_bins = np.nonzero(L.hist[n] >= result.config.samples_per_bin)[0]
-    counts = np.bincount(bins, minlength=result.config.n_bins)
-    assert (np.abs(counts[full_bins] - result.config.samples_per_bin) <= 1).all()
+    assert ((edges[rec["bin"]] <= rec["act"]) & (rec["act"] < edges[rec["bin"] + 1])).all()
+    np.testing.assert_array_equal(np.bincount(rec["bin"], minlength=len(L.hist[n])),
+                                  np.minimum(L.hist[n], result.config.samples_per_bin))
+    for r in rec[:20]:
+        assert r["ctx"][r["at"]] == seqs260k.ids[r["seq"]][r["pos"]]
 
 
 def test_logit_effects(lm260k, result):

@@ -337,16 +337,16 @@ def test_match_prompt(lm260k, slice_tokens):
 
 def test_store_and_cli(lm260k, seqs260k, slice_path, tmp_path):
     from precompute.jobs import JOBS
-    from precompute.jobs.rules import RulesConfig
+    from precompute.jobs.rules import RulesConfig, run
     from precompute.sequences import Sequences
     from precompute.store.db import open_store, now, write_run
-    from precompute.store.rules_tables import rules_overview, rules_story
+    from precompute.jobs.rules.tables import rules_overview, rules_story
 
     seqs = Sequences(seqs260k.corpus_name, False, seqs260k.prepend_bos, seqs260k.bos_id, seqs260k.ids[:3],
                      seqs260k.story_ids[:3], seqs260k.offsets[:3])
     spec = JOBS["rules"]()
     cfg = RulesConfig(ngram_corpus=str(slice_path), rule_set="all", cache_dir=str(tmp_path / "c"))
-    res = spec.run(lm260k, seqs, cfg)
+    res = run(lm260k, seqs, cfg)
     url = f"sqlite:///{tmp_path / 'r.db'}"
     store = open_store(url)
     with store.session.begin() as s:

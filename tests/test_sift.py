@@ -172,7 +172,7 @@ def test_store_roundtrip_and_window_tokens(tmp_path, capsys, lm260k, seqs260k, e
     from precompute.jobs import JOBS
     from precompute.models import model_name
     from precompute.store.db import now, open_store, write_run
-    from precompute.store.embeddings_tables import embedding_centre, load_embeddings, window_views
+    from precompute.jobs.embeddings.tables import embedding_centre, load_embeddings, window_views
 
     store = open_store(f"sqlite:///{tmp_path / 'e.db'}")
     spec = JOBS["embeddings"]()

@@ -11,10 +11,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import cached, render, url
+from app import cached, limits, render, url
+from app.live import head_on_text
 from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.models import ModelError
-from precompute.store import heads_tables as hq
+from precompute.jobs.heads import tables as hq
 from precompute.store.queries import NotFound
 
 MIN_QUERIES = 20  # profile points seen by fewer queries are noise; not drawn
@@ -29,12 +30,8 @@ def head_page(db: str, model: str, layer: int, head: int, v: float = 0.0) -> hq.
 
 @st.cache_data(show_spinner="Running the model…", max_entries=64)
 def live_pattern(source: str, text: str, layer: int, head: int, prepend_bos: bool):
-    from precompute.jobs.heads import head_pattern
-
-    lm = get_model(source)
-    ids = lm.encode(text, prepend_bos=prepend_bos)[: lm.n_ctx]
-    special = lm.special_ids
-    return tuple(ids), tuple(lm.token_strs(ids)), tuple(i in special for i in ids), head_pattern(lm, ids, layer, head)
+    r = head_on_text(get_model(source), text, layer, head, prepend_bos)
+    return r.ids, r.tokens, r.special, r.pattern
 
 
 def head_params(model: str, layer: int, head: int) -> dict[str, str]:
@@ -147,52 +144,58 @@ else:
 
 # -------------------------------------------------------------------------------- live
 st.subheader("Try a prompt")
+prompt, clipped = limits.clip_prompt(url.get_str("prompt"))
 with st.form("live"):
-    prompt = st.text_area("Prompt", url.get_str("prompt"), placeholder="Once upon a time, Lily saw a dog. Lily said hi to the dog.", height=90)
+    prompt = st.text_area("Prompt", prompt, placeholder="Once upon a time, Lily saw a dog. Lily said hi to the dog.", height=90,
+                          max_chars=limits.MAX_PROMPT_CHARS)
     st.form_submit_button("Run")
+st.caption(limits.describe())
 url.sync("prompt", prompt, "")
+if clipped:
+    st.warning(clipped)
 if prompt:
-    try:
-        ids, toks, special, pat = live_pattern(info.source, prompt, layer, head, run.prepend_bos)
-    except ModelError as e:
-        st.error(f"Cannot run {model} live: {e}")
-        ids = ()
-    if ids:
-        n = len(ids)
-        choices = list(range(n))
-        raw = url.get_str("q")
-        q = min(int(raw), n - 1) if raw.isdigit() else n - 1  # a link's q may outlast a shorter prompt
-        q = st.selectbox(
-            "Query token: what does it attend to?", choices, index=q,
-            format_func=lambda i: f"{i}: {render.visible_text(toks[i])[0]}",
-        )
-        url.sync("q", q, n - 1)
-        weights = [float(pat[q][k]) if k <= q else None for k in range(n)]
-        top = max(range(q + 1), key=lambda k: pat[q][k])
-        st.markdown(
-            f"Position **{q}** (`{render.visible_text(toks[q])[0]}`) puts its largest weight, **{pat[q][top]:.3f}**, "
-            f"on position **{top}** (`{render.visible_text(toks[top])[0]}`, {q - top} back)."
-        )
-        st.html(
-            '<div class="live-attn">'
-            + render.tokens_html(list(toks), weights, special=list(special), vmax=1.0, highlight=q,
-                                 titles=[f"{render.visible_text(t)[0]!r} pos {k}" + (f"  weight {weights[k]:.3f}" if weights[k] is not None else "  (after the query)")
-                                         for k, t in enumerate(toks)])
-            + "</div>"
-        )
-        st.caption("Each token's colour is the weight the outlined query puts on it (full orange = 1).")
-        m = min(n, MAX_LIVE)
-        pick = alt.selection_point(fields=["qi"], name="pick", on="click")
-        chart = pattern_chart(list(toks[:m]), pat[:m, :m], "this head on the prompt", cell=14 if m <= 48 else 8).add_params(pick)
-        key = f"live-{model}-{layer}-{head}"
-        ev = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key=key, width="content")
-        st.caption("Click a row of the heatmap to make that token the query.")
-        sel = url.new_selection(key, (getattr(ev, "selection", None) or {}).get("pick") or [])
-        if sel and "qi" in sel[0] and int(sel[0]["qi"]) != q:
-            url.sync("q", int(sel[0]["qi"]), n - 1)
-            st.rerun()
-        if n > MAX_LIVE:
-            st.caption(f"The heatmap shows the first {MAX_LIVE} of {n} tokens.")
+    with limits.live_slot():  # one live request: the model run and its rendering
+        try:
+            ids, toks, special, pat = live_pattern(info.source, prompt, layer, head, run.prepend_bos)
+        except ModelError as e:
+            st.error(f"Cannot run {model} live: {e}")
+            ids = ()
+        if ids:
+            n = len(ids)
+            choices = list(range(n))
+            raw = url.get_str("q")
+            q = min(int(raw), n - 1) if raw.isdigit() else n - 1  # a link's q may outlast a shorter prompt
+            q = st.selectbox(
+                "Query token: what does it attend to?", choices, index=q,
+                format_func=lambda i: f"{i}: {render.visible_text(toks[i])[0]}",
+            )
+            url.sync("q", q, n - 1)
+            weights = [float(pat[q][k]) if k <= q else None for k in range(n)]
+            top = max(range(q + 1), key=lambda k: pat[q][k])
+            st.markdown(
+                f"Position **{q}** (`{render.visible_text(toks[q])[0]}`) puts its largest weight, **{pat[q][top]:.3f}**, "
+                f"on position **{top}** (`{render.visible_text(toks[top])[0]}`, {q - top} back)."
+            )
+            st.html(
+                '<div class="live-attn">'
+                + render.tokens_html(list(toks), weights, special=list(special), vmax=1.0, highlight=q,
+                                     titles=[f"{render.visible_text(t)[0]!r} pos {k}" + (f"  weight {weights[k]:.3f}" if weights[k] is not None else "  (after the query)")
+                                             for k, t in enumerate(toks)])
+                + "</div>"
+            )
+            st.caption("Each token's colour is the weight the outlined query puts on it (full orange = 1).")
+            m = min(n, MAX_LIVE)
+            pick = alt.selection_point(fields=["qi"], name="pick", on="click")
+            chart = pattern_chart(list(toks[:m]), pat[:m, :m], "this head on the prompt", cell=14 if m <= 48 else 8).add_params(pick)
+            key = f"live-{model}-{layer}-{head}"
+            ev = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key=key, width="content")
+            st.caption("Click a row of the heatmap to make that token the query.")
+            sel = url.new_selection(key, (getattr(ev, "selection", None) or {}).get("pick") or [])
+            if sel and "qi" in sel[0] and int(sel[0]["qi"]) != q:
+                url.sync("q", int(sel[0]["qi"]), n - 1)
+                st.rerun()
+            if n > MAX_LIVE:
+                st.caption(f"The heatmap shows the first {MAX_LIVE} of {n} tokens.")
 
 with st.expander("Link to this view"):
     st.code(url.full_url("head"), language=None)

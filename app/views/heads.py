@@ -14,7 +14,7 @@ import streamlit as st
 
 from app import cached, url
 from app.state import DB_URL, bad_param, store_or_stop
-from precompute.store import heads_tables as hq
+from precompute.jobs.heads import tables as hq
 from precompute.store.queries import NotFound
 
 LABEL_COLORS = {"distance": "#2870ff", "mixed": "#9aa5b1", "semantic": "#ff7600"}

@@ -16,7 +16,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import state
+from app import limits, state
 from app.render import color, tokens_html
 from precompute.live import (
     ABLATION_KINDS,
@@ -171,10 +171,15 @@ def main() -> None:
     def use_example():
         st.session_state["lab_prompt"] = EXAMPLE
 
+    st.session_state["lab_prompt"], clipped = limits.clip_prompt(st.session_state["lab_prompt"])
     st.text_area(
         "Prompt", key="lab_prompt", height=90, placeholder="Type some text, e.g. Once upon a time",
         help=f"Prompts longer than {MAX_TOKENS} tokens (or the model's context) are cut.",
+        max_chars=limits.MAX_PROMPT_CHARS,
     )
+    st.caption(f"{limits.describe()} The model reads at most {MAX_TOKENS} tokens.")
+    if clipped:
+        st.warning(clipped)
     text = st.session_state["lab_prompt"]
     models = [st.session_state["lab_model"]]
     if st.session_state["lab_model2"] != NONE:
@@ -200,7 +205,8 @@ def main() -> None:
     for i, (col, name) in enumerate(zip(cols, models)):
         suffix = "" if i == 0 else "2"
         with col:
-            _model_panel(name, choices[name], text, suffix, params)
+            with limits.live_slot():  # one live request: the panel's model runs and their rendering
+                _model_panel(name, choices[name], text, suffix, params)
     _sync_url(params, models)
 
 

@@ -14,8 +14,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import cached, render, url
-from app.hypothesis import MODES, Hypothesis, bin_shares, explained_share
+from app import cached, limits, render, url
+from app.hypothesis import MAX_PATTERN, MODES, Hypothesis, bin_shares, explained_share
 from app.live import neuron_on_text
 from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.models import ModelError
@@ -118,6 +118,7 @@ mode = url.get_choice("mode", MODES, "list")
 hyp_text = c[0].text_input(
     "Hypothesis: the neuron fires on…", url.get_str("hyp"),
     placeholder="tokens, comma-separated (dog, cat, bird) or a regex (^ [A-Z])",
+    help=f"A regex is at most {MAX_PATTERN} characters, RE2 syntax: no backreferences or lookaround.",
 )
 mode = c[1].radio("as", list(MODES), index=list(MODES).index(mode), format_func=MODES.get, horizontal=True)
 log_y = c[2].checkbox("log y", url.get_str("log") == "1")
@@ -246,37 +247,43 @@ with right:
 
 # -------------------------------------------------------------------------------- live test
 st.subheader("Test this neuron")
+prompt, clipped = limits.clip_prompt(url.get_str("prompt"))
 with st.form("live"):
-    prompt = st.text_area("Prompt", url.get_str("prompt"), placeholder="Once upon a time, there was a little dog…", height=90)
+    prompt = st.text_area("Prompt", prompt, placeholder="Once upon a time, there was a little dog…", height=90,
+                          max_chars=limits.MAX_PROMPT_CHARS)
     submitted = st.form_submit_button("Run")
+st.caption(limits.describe())
 url.sync("prompt", prompt, "")
+if clipped:
+    st.warning(clipped)
 if prompt:
-    try:
-        live = live_acts(info.source, prompt, layer, neuron, run.prepend_bos)
-    except ModelError as e:
-        st.error(f"Cannot run {model} live: {e}")
-        live = None
-    if live is not None and live.acts:
-        if live.truncated:
-            st.warning(
-                f"The prompt is {live.n_prompt_tokens:,} tokens; {model}'s context is {live.n_ctx}, "
-                f"so only the first {live.n_ctx} are used."
+    with limits.live_slot():  # one live request: the model run and its rendering
+        try:
+            live = live_acts(info.source, prompt, layer, neuron, run.prepend_bos)
+        except ModelError as e:
+            st.error(f"Cannot run {model} live: {e}")
+            live = None
+        if live is not None and live.acts:
+            if live.truncated:
+                st.warning(
+                    f"The prompt is {live.n_prompt_tokens:,} tokens; {model}'s context is {live.n_ctx}, "
+                    f"so only the first {live.n_ctx} are used."
+                )
+            mp = live.max_pos
+            vmax = max([S.max] + [abs(a) for a in live.acts]) or 1.0
+            st.markdown(
+                f"Max activation **{live.acts[mp]:.3f}** at position **{mp}** (token `{render.visible_text(live.tokens[mp])[0]}`)"
+                f"{' · position 0 is BOS' if live.special and live.special[0] else ''} · corpus max {S.max:.3f}."
             )
-        mp = live.max_pos
-        vmax = max([S.max] + [abs(a) for a in live.acts]) or 1.0
-        st.markdown(
-            f"Max activation **{live.acts[mp]:.3f}** at position **{mp}** (token `{render.visible_text(live.tokens[mp])[0]}`)"
-            f"{' · position 0 is BOS' if live.special and live.special[0] else ''} · corpus max {S.max:.3f}."
-        )
-        st.html('<div class="live">' + render.tokens_html(list(live.tokens), list(live.acts), special=list(live.special), vmax=vmax, highlight=mp) + "</div>")
-        with st.expander("Values per token"):
-            st.dataframe(
-                pd.DataFrame(dict(position=range(len(live.ids)), token=[render.visible_text(t)[0] for t in live.tokens],
-                                  id=live.ids, activation=live.acts)),
-                hide_index=True,
-            )
-    elif live is not None:
-        st.caption("The prompt has no tokens.")
+            st.html('<div class="live">' + render.tokens_html(list(live.tokens), list(live.acts), special=list(live.special), vmax=vmax, highlight=mp) + "</div>")
+            with st.expander("Values per token"):
+                st.dataframe(
+                    pd.DataFrame(dict(position=range(len(live.ids)), token=[render.visible_text(t)[0] for t in live.tokens],
+                                      id=live.ids, activation=live.acts)),
+                    hide_index=True,
+                )
+        elif live is not None:
+            st.caption("The prompt has no tokens.")
 
 # -------------------------------------------------------------------------------- the link
 with link_box:

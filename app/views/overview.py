@@ -12,7 +12,7 @@ import streamlit as st
 from app import cached, render, url
 from app.state import DB_URL, bad_param, param_int, store_or_stop
 from precompute.store.db import DEFAULT_DB
-from precompute.store.neurons import match_tokens
+from precompute.jobs.neurons.tables import match_tokens
 from precompute.store.queries import NotFound
 
 STATS = {"max": "max activation", "mean": "mean activation", "std": "standard deviation", "frac_pos": "fraction firing (> 0)"}

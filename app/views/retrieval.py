@@ -14,7 +14,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import cached, url
+from app import cached, limits, url
 from app.render import tokens_html
 from app.retrieval_views import show_diverse_examples
 from app.state import DB_URL, bad_param, get_model, get_store, param_int
@@ -43,7 +43,7 @@ def param_float(name: str, default: float, lo: float, hi: float) -> float:
 @st.cache_resource(show_spinner="Loading the embeddings…", max_entries=4)
 def embeddings_index(db: str, model: str, run_id: int, v: float):
     from precompute.retrieval.index import VectorIndex
-    from precompute.store.embeddings_tables import load_embeddings
+    from precompute.jobs.embeddings.tables import load_embeddings
 
     with get_store(db).session() as s:
         emb = load_embeddings(s, model, run_id)
@@ -93,7 +93,7 @@ try:
     run = cached.latest_run(DB_URL, model, "embeddings", V)
 except NotFound as e:
     bad_param(str(e))
-prompt = url.get_str("prompt", DEFAULT_PROMPT)
+prompt, clipped = limits.clip_prompt(url.get_str("prompt", DEFAULT_PROMPT))
 n = param_int("n", 8, 1, 32)
 lam = param_float("lam", DEFAULT_LAMBDA, 1e-4, 100.0)
 m = param_int("m", 200, 1, 5000)
@@ -108,7 +108,7 @@ st.caption(
 
 with st.form("query"):
     c1, c2, c3, c4 = st.columns([6, 1, 1, 1])
-    new_prompt = c1.text_input("Prompt", prompt)
+    new_prompt = c1.text_input("Prompt", prompt, max_chars=limits.MAX_PROMPT_CHARS)
     new_n = c2.number_input("picks", 1, 32, n)
     new_lam = c3.number_input("λ (noise)", 1e-4, 100.0, lam, format="%.3g")
     new_m = c4.number_input("candidates", 1, 5000, m)
@@ -119,10 +119,14 @@ with st.form("query"):
         url.sync("m", int(new_m), 200)
         st.rerun()
 
+st.caption(limits.describe())
+if clipped:
+    st.warning(clipped)
 if not prompt.strip():
     bad_param("Type a prompt to retrieve supporting examples for.")
 try:
-    sup = support(DB_URL, model, info.source, run.id, prompt, n, lam, m, V)
+    with limits.live_slot():
+        sup = support(DB_URL, model, info.source, run.id, prompt, n, lam, m, V)
 except (ModelError, NotFound, ValueError) as e:
     bad_param(str(e))
 
@@ -187,16 +191,17 @@ st.caption(
 
 # -------------------------------------------------------------------------------- sandbox
 st.header("Test-time fine-tuning sandbox")
-steps = param_int("steps", 10, 0, 200)
+steps = param_int("steps", 10, 0, limits.MAX_SANDBOX_STEPS)
 lr = param_float("lr", 1e-3, 1e-6, 1.0)
 source = url.get_choice("source", SOURCES, "sift")
-cont = url.get_str("cont", "")
+cont = limits.clip_prompt(url.get_str("cont", ""))[0]
 with st.form("sandbox"):
     c1, c2, c3 = st.columns([2, 1, 1])
     new_source = c1.radio("Examples", list(SOURCES), index=list(SOURCES).index(source), format_func=SOURCES.get, horizontal=True)
-    new_steps = c2.number_input("Adam steps", 0, 200, steps)
+    new_steps = c2.number_input("Adam steps", 0, limits.MAX_SANDBOX_STEPS, steps,
+                                help=f"At most {limits.MAX_SANDBOX_STEPS} steps.")
     new_lr = c3.number_input("learning rate", 1e-6, 1.0, lr, format="%.1e")
-    new_cont = st.text_input("Continuation to score (loss before/after)", cont)
+    new_cont = st.text_input("Continuation to score (loss before/after)", cont, max_chars=limits.MAX_PROMPT_CHARS)
     if st.form_submit_button("Run sandbox"):
         url.sync("source", new_source, "sift")
         url.sync("steps", int(new_steps), 10)
@@ -211,7 +216,8 @@ if st.query_params.get("sandbox") == "1":
     examples = tuple(tuple(sup.windows[r].token_ids) for r in rows_used)
     mode = "in_context" if source == "context" else "finetune"
     try:
-        res, note = sandbox(info.source, run.corpus, prompt, cont, examples, mode, steps, lr)
+        with limits.live_slot():
+            res, note = sandbox(info.source, run.corpus, prompt, cont, examples, mode, steps, lr)
     except (ModelError, ValueError) as e:
         st.error(str(e))
         st.stop()

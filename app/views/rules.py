@@ -14,7 +14,7 @@ import streamlit as st
 
 from app import cached, url
 from app.state import DB_URL, bad_param, store_or_stop
-from precompute.store import rules_tables as rq
+from precompute.jobs.rules import tables as rq
 from precompute.store.queries import NotFound
 
 DEFINITIONS = """

@@ -21,7 +21,7 @@ from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.errors import one_line
 from precompute.models import ModelError
 from precompute.ngrams.views import TokenMatch
-from precompute.store import rules_tables as rq
+from precompute.jobs.rules import tables as rq
 from precompute.store.queries import NotFound
 
 MAX_PROMPT_CHARS = 2000

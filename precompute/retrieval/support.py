@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ..jobs.embeddings import embed_ids
 from ..models import LoadedModel
-from ..store.embeddings_tables import Embeddings, window_views
+from ..jobs.embeddings.tables import Embeddings, window_views
 from .index import VectorIndex
 from .sift import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, Method, Selection, select, sift_candidates
 
@@ -110,13 +110,13 @@ def example_vectors(lm: LoadedModel, s: Session, run_id: int, examples, centre: 
 def diverse_examples(s: Session, lm: LoadedModel, model: str, layer: int, neuron: int, n: int | None = None,
                      lam: float = DEFAULT_LAMBDA, run_id: int | None = None) -> DiverseExamples:
     """A neuron's top examples (neuron run) next to their diverse re-selection (needs the model)."""
-    from ..store.neurons import neuron_page
+    from ..jobs.neurons.tables import neuron_page
 
     page = neuron_page(s, model, layer, neuron, run_id)
     ex = list(page.examples)
     if not ex:
         raise ValueError(f"layer {layer} neuron {neuron} has no stored examples")
-    from ..store.embeddings_tables import embedding_centre
+    from ..jobs.embeddings.tables import embedding_centre
     from ..store.queries import NotFound
 
     try:  # the corpus centre of the newest embeddings run, when there is one

@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy.orm import DeclarativeBase
 
 # Bump when a table changes shape; a database written with another version is refused on open.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -21,6 +21,3 @@ def to_blob(a: np.ndarray) -> bytes:
 def from_blob(b: bytes, dtype) -> np.ndarray:
     return np.frombuffer(b, dtype=dtype)
 
-
-# structured dtype of a spectrum sample: where in the corpus, and the activation there
-SAMPLE_DTYPE = np.dtype([("seq", "<i4"), ("pos", "<i4"), ("act", "<f4")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select
@@ -15,6 +16,13 @@ from .tables import ModelRow, RunRow, SequenceRow
 
 class NotFound(LookupError):
     """Something a URL or command asked for is not in the database; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    special: bool
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,22 @@ def list_models(s: Session) -> list[ModelInfo]:
     return [_model_info(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.name))]
 
 
+def model_key(s: Session, name: str) -> str:
+    """The name a model is stored under. ``precompute run --model PATH`` stores a local folder under
+    its folder name, so the same PATH given to ``show`` (or a URL) finds it; a stored name wins."""
+    try:
+        is_dir = bool(name) and Path(name).is_dir()
+    except (OSError, ValueError):  # a name too long or malformed to be a path
+        is_dir = False
+    if not is_dir or s.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
+        return name
+    from ..models import model_name
+
+    return model_name(name)
+
+
 def get_model(s: Session, name: str) -> ModelInfo:
-    r = s.scalar(select(ModelRow).where(ModelRow.name == name))
+    r = s.scalar(select(ModelRow).where(ModelRow.name == model_key(s, name)))
     if r is None:
         known = ", ".join(m.name for m in list_models(s)) or "none yet"
         raise NotFound(f"model {name!r} is not in this database (models: {known})")
@@ -84,16 +106,19 @@ def get_model(s: Session, name: str) -> ModelInfo:
 
 def vocab(s: Session, model: str) -> list[str]:
     """Display string of every token id (special tokens keep their visible names)."""
-    v = s.scalar(select(ModelRow.vocab).where(ModelRow.name == model))
+    v = s.scalar(select(ModelRow.vocab).where(ModelRow.name == model_key(s, model)))
     if v is None:
         raise NotFound(f"model {model!r} is not in this database")
     return list(v)
 
 
-def list_runs(s: Session, model: str | None = None, job: str | None = None) -> list[RunInfo]:
-    q = select(RunRow, ModelRow.name).join(ModelRow, RunRow.model_id == ModelRow.id).where(RunRow.status == "complete")
+def list_runs(s: Session, model: str | None = None, job: str | None = None, include_incomplete: bool = False) -> list[RunInfo]:
+    """Complete runs, newest first (``include_incomplete``: running or killed ones too)."""
+    q = select(RunRow, ModelRow.name).join(ModelRow, RunRow.model_id == ModelRow.id)
+    if not include_incomplete:
+        q = q.where(RunRow.status == "complete")
     if model is not None:
-        q = q.where(ModelRow.name == model)
+        q = q.where(ModelRow.name == model_key(s, model))
     if job is not None:
         q = q.where(RunRow.job == job)
     q = q.order_by(RunRow.id.desc())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .base import Base
@@ -30,7 +30,7 @@ class ModelRow(Base):
     d_mlp: Mapped[int] = mapped_column(Integer)
     vocab_size: Mapped[int] = mapped_column(Integer)
     n_ctx: Mapped[int] = mapped_column(Integer)
-    n_params: Mapped[int] = mapped_column(Integer)
+    n_params: Mapped[int] = mapped_column(BigInteger)  # past 2^31 for 7B models; PostgreSQL's INTEGER is 32-bit
     bos_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     special_ids: Mapped[list] = mapped_column(JSON)
     vocab: Mapped[list] = mapped_column(JSON)

@@ -15,7 +15,7 @@ PROMPT = "Once upon a time, Lily saw a dog. Lily said hi to the dog."
 
 def _overview(browser_db):
     from precompute.store.db import open_store
-    from precompute.store.heads_tables import heads_overview
+    from precompute.jobs.heads.tables import heads_overview
 
     with open_store(browser_db, create=False).session() as s:
         return heads_overview(s, MODEL)

@@ -15,7 +15,7 @@ NEURON = f"/neuron?model={MODEL}&layer=1&neuron=7"
 
 def test_neuron_page_examples_spectrum_and_live(app, browser_db):
     from precompute.store.db import open_store
-    from precompute.store.neurons import neuron_page
+    from precompute.jobs.neurons.tables import neuron_page
 
     with open_store(browser_db, create=False).session() as s:
         expected = neuron_page(s, MODEL, 1, 7)

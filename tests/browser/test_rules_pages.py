@@ -11,7 +11,7 @@ pytestmark = pytest.mark.browser
 
 def _story(browser_db, seq):
     from precompute.store.db import open_store
-    from precompute.store.rules_tables import rules_overview, rules_story
+    from precompute.jobs.rules.tables import rules_overview, rules_story
 
     with open_store(browser_db, create=False).session() as s:
         return rules_overview(s, MODEL), rules_story(s, MODEL, seq)

@@ -1,8 +1,9 @@
 """Rules tables (n-gram rule matches), their writer and the queries behind the rules pages and
 `precompute show rules`.
 
-One ``rules_runs`` row per run (rule set, distance, templates, aggregates) and one
-``rules_sequences`` row per sequence holding every predicted token's match as a structured array.
+One ``rules_runs`` row per run (rule set, distance, templates, aggregates), written at the end
+(``write_rules``), and one ``rules_sequences`` row per sequence holding every predicted token's
+match as a structured array, written as the sweep drains them (``write_rule_sequences``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from sqlalchemy import JSON, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, insert, select
+from sqlalchemy import JSON, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, delete, insert, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ..ngrams.templates import MAX_N
-from ..ngrams.views import TokenMatch, token_matches
-from .base import Base, from_blob, to_blob
-from .queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
-from .tables import SequenceRow
+from ...ngrams.templates import MAX_N
+from ...ngrams.views import TokenMatch, token_matches
+from ...store.base import Base, from_blob, to_blob
+from ...store.queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
+from ...store.tables import SequenceRow
 
 
 def token_dtype(k: int) -> np.dtype:
@@ -55,35 +56,47 @@ class RulesSequenceRow(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # token_dtype(top_k) records, one per predicted token
 
 
-def write_rules(s: Session, run_id: int, result) -> None:
-    """All rows of a rules-job result, in the caller's transaction."""
-    m = result.matches
-    k = result.config.top_k
-    dt = token_dtype(k)
+def write_rule_sequences(s: Session, run_id: int, part) -> None:
+    """One ``rules_sequences`` row per sequence of ``part`` (a drained ``RulesChunk``, or a result's
+    undrained tokens), sorted by (sequence, position), in the caller's transaction."""
+    if part is None or not len(part.seq):
+        return
+    m = part.matches
+    dt = token_dtype(part.matches.rule_top_ids.shape[1])
     rec = np.zeros(len(m), dtype=dt)
-    rec["pos"] = result.pos
-    rec["ctx_len"] = result.ctx_len
+    rec["pos"] = part.pos
+    rec["ctx_len"] = part.ctx_len
     for f in dt.names:
         if f in ("pos", "ctx_len"):
             continue
         rec[f] = getattr(m, f)
-    s.add(RulesRunRow(
-        run_id=run_id, rule_set=result.config.rule_set, distance=result.config.distance,
-        ngram_corpus=result.config.ngram_corpus, index_tokens=int(result.index_tokens), top_k=k,
-        templates=list(result.templates), aggregates=result.aggregates,
-    ))
-    bounds = np.flatnonzero(np.diff(result.seq)) + 1
+    bounds = np.flatnonzero(np.diff(part.seq)) + 1
     rows = []
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(result.seq)]):
-        part = rec[a:b]
-        d = part["rule"] >= 0
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(part.seq)]):
+        chunk = rec[a:b]
+        d = chunk["rule"] >= 0
         rows.append(dict(
-            run_id=run_id, seq_idx=int(result.seq[a]), n_defined=int(d.sum()),
-            mean_dist=float(part["dist"][d].mean()) if d.any() else None,
-            agreement=float(part["agree"][d].mean()) if d.any() else None, data=to_blob(part),
+            run_id=run_id, seq_idx=int(part.seq[a]), n_defined=int(d.sum()),
+            mean_dist=float(chunk["dist"][d].mean()) if d.any() else None,
+            agreement=float(chunk["agree"][d].mean()) if d.any() else None, data=to_blob(chunk),
         ))
     for i in range(0, len(rows), 2000):
         s.execute(insert(RulesSequenceRow), rows[i : i + 2000])
+
+
+def discard_rule_sequences(s: Session, run_id: int, first_seq: int) -> None:
+    """Drop the ``rules_sequences`` rows of sequences >= ``first_seq`` (a resumed sweep writes them again)."""
+    s.execute(delete(RulesSequenceRow).where(RulesSequenceRow.run_id == run_id, RulesSequenceRow.seq_idx >= first_seq))
+
+
+def write_rules(s: Session, run_id: int, result) -> None:
+    """The run row of a rules-job result and its undrained sequences, in the caller's transaction."""
+    s.add(RulesRunRow(
+        run_id=run_id, rule_set=result.config.rule_set, distance=result.config.distance,
+        ngram_corpus=result.config.ngram_corpus, index_tokens=int(result.index_tokens), top_k=result.config.top_k,
+        templates=list(result.templates), aggregates=result.aggregates,
+    ))
+    write_rule_sequences(s, run_id, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +236,7 @@ def rules_story(s: Session, model: str, seq_idx: int, run_id: int | None = None)
 
 
 def _add_show_rules(p) -> None:
-    from .db import DEFAULT_DB
+    from ...store.db import DEFAULT_DB
 
     p.add_argument("--model", required=True)
     p.add_argument("--story", type=int, default=None, help="one sequence's per-token matches instead of the overview")
@@ -233,7 +246,7 @@ def _add_show_rules(p) -> None:
 
 
 def _show_rules(args, store) -> int:
-    from ..cli import print_json
+    from ...output import print_json
 
     with store.session() as s:
         if args.story is None:

@@ -1,8 +1,14 @@
-"""Embedding tables (one float16 vector per training window), their writer and queries.
+"""Embedding tables (one float16 vector per training window), their writers and queries.
 
-Vectors are stored in chunks of ``CHUNK_ROWS`` rows: one table row holds a float16 matrix blob
+Vectors are stored in chunks of at most ``CHUNK_ROWS`` rows: one table row holds a matrix blob
 and the WINDOW_DTYPE records (sequence, [start, end) positions) of its rows, so a large corpus
 never needs one huge blob and a reader can load everything with one query.
+
+During a sweep (``write_embedding_chunk``) a chunk row holds *raw* pooled vectors (float32,
+``normalised`` false): the centre is only known at the end. ``write_embeddings`` (the job's
+final write, in the transaction that completes the run) stores the centre and rewrites every raw
+chunk row of the run as ``(raw - centre) / norm`` in float16, one chunk row at a time, so a
+complete run only ever has normalised float16 rows.
 """
 
 from __future__ import annotations
@@ -10,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import ForeignKey, Integer, LargeBinary, UniqueConstraint, insert, select
+from sqlalchemy import Boolean, ForeignKey, Integer, LargeBinary, UniqueConstraint, delete, func, insert, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ..jobs.embeddings import WINDOW_DTYPE
-from .base import Base, from_blob, to_blob
-from .queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
+from .job import WINDOW_DTYPE, normalise_rows
+from ...store.base import Base, from_blob, to_blob
+from ...store.queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
 
 CHUNK_ROWS = 4096
 
@@ -39,25 +45,60 @@ class EmbeddingChunkRow(Base):
     first_row: Mapped[int] = mapped_column(Integer)
     n_rows: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
-    vectors: Mapped[bytes] = mapped_column(LargeBinary)  # float16 [n_rows, dim], rows L2-normalised
+    first_seq: Mapped[int] = mapped_column(Integer)  # sequence of the first window (resuming drops seqs >= a shard's first)
+    normalised: Mapped[bool] = mapped_column(Boolean)  # false while the sweep runs: raw float32 vectors
+    vectors: Mapped[bytes] = mapped_column(LargeBinary)  # normalised: float16 [n_rows, dim], rows L2-normalised; else raw float32
     windows: Mapped[bytes] = mapped_column(LargeBinary)  # WINDOW_DTYPE records
 
 
-def write_embeddings(s: Session, run_id: int, result) -> None:
-    """All chunks of an embeddings-job result, in the caller's transaction."""
-    v = np.ascontiguousarray(result.vectors, dtype="<f2")
-    w = np.ascontiguousarray(result.windows, dtype=WINDOW_DTYPE)
-    s.execute(insert(EmbeddingRunRow), [dict(run_id=run_id, n_rows=len(v), dim=v.shape[1],
-                                             centre=to_blob(np.asarray(result.centre, dtype="<f4")))])
+def _insert_chunks(s: Session, run_id: int, first_row: int, vectors: np.ndarray, windows: np.ndarray, normalised: bool) -> None:
+    """Rows ``first_row ..`` as chunk rows numbered after the run's last one."""
+    if not len(vectors):
+        return
+    next_chunk = s.scalar(select(func.coalesce(func.max(EmbeddingChunkRow.chunk) + 1, 0)).where(EmbeddingChunkRow.run_id == run_id))
+    w = np.ascontiguousarray(windows, dtype=WINDOW_DTYPE)
     rows = []
-    for c, start in enumerate(range(0, len(v), CHUNK_ROWS)):
-        part = v[start : start + CHUNK_ROWS]
+    for c, start in enumerate(range(0, len(vectors), CHUNK_ROWS)):
+        part = vectors[start : start + CHUNK_ROWS]
+        wp = w[start : start + CHUNK_ROWS]
         rows.append(
-            dict(run_id=run_id, chunk=c, first_row=start, n_rows=len(part), dim=v.shape[1],
-                 vectors=to_blob(part), windows=to_blob(w[start : start + CHUNK_ROWS]))
+            dict(run_id=run_id, chunk=int(next_chunk) + c, first_row=first_row + start, n_rows=len(part), dim=vectors.shape[1],
+                 first_seq=int(wp["seq"][0]), normalised=normalised, vectors=to_blob(part), windows=to_blob(wp))
         )
     for i in range(0, len(rows), 50):
         s.execute(insert(EmbeddingChunkRow), rows[i : i + 50])
+
+
+def write_embedding_chunk(s: Session, run_id: int, chunk) -> None:
+    """A drained ``EmbeddingsChunk``: raw float32 rows, normalised by ``write_embeddings`` at the end."""
+    if chunk is not None:
+        _insert_chunks(s, run_id, chunk.first_row, np.ascontiguousarray(chunk.raw, dtype="<f4"), chunk.windows, False)
+
+
+def discard_embedding_chunks(s: Session, run_id: int, first_seq: int) -> None:
+    """Drop the chunk rows of sequences >= ``first_seq`` (a resumed sweep writes them again).
+    Chunk rows never straddle a drain, hence never a shard boundary."""
+    s.execute(delete(EmbeddingChunkRow).where(EmbeddingChunkRow.run_id == run_id, EmbeddingChunkRow.first_seq >= first_seq))
+
+
+def write_embeddings(s: Session, run_id: int, result) -> None:
+    """The run's centre, the result's undrained rows, and every raw chunk row normalised, in the
+    caller's transaction. Memory: one chunk row at a time besides the result's own rows."""
+    dim = int(np.asarray(result.centre).shape[0])
+    centre = np.asarray(result.centre, dtype="<f4")
+    s.execute(insert(EmbeddingRunRow), [dict(run_id=run_id, n_rows=int(result.n_windows), dim=dim, centre=to_blob(centre))])
+    raw_ids = s.scalars(
+        select(EmbeddingChunkRow.id).where(EmbeddingChunkRow.run_id == run_id, EmbeddingChunkRow.normalised.is_(False))
+        .order_by(EmbeddingChunkRow.chunk)
+    ).all()
+    for cid in raw_ids:
+        n, d, blob = s.execute(
+            select(EmbeddingChunkRow.n_rows, EmbeddingChunkRow.dim, EmbeddingChunkRow.vectors).where(EmbeddingChunkRow.id == cid)
+        ).one()
+        v = normalise_rows(from_blob(blob, "<f4").reshape(n, d), centre)
+        s.execute(update(EmbeddingChunkRow).where(EmbeddingChunkRow.id == cid).values(
+            vectors=to_blob(np.ascontiguousarray(v, dtype="<f2")), normalised=True))
+    _insert_chunks(s, run_id, int(result.first_row), np.ascontiguousarray(result.vectors, dtype="<f2"), result.windows, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +151,8 @@ def load_embeddings(s: Session, model: str, run_id: int | None = None) -> Embedd
     ).all()
     if not chunks:
         raise NotFound(f"embeddings run {run.id} of {model!r} has no rows")
+    if s.scalar(select(func.count()).where(EmbeddingChunkRow.run_id == run.id, EmbeddingChunkRow.normalised.is_(False))):
+        raise NotFound(f"embeddings run {run.id} of {model!r} was not finished (raw rows left)")
     centre = s.scalar(select(EmbeddingRunRow.centre).where(EmbeddingRunRow.run_id == run.id))
     vecs = [from_blob(b, "<f2").reshape(n, d) for n, d, b, _ in chunks]
     wins = [from_blob(b, WINDOW_DTYPE) for _n, _d, _b, b in chunks]
@@ -129,7 +172,7 @@ def embedding_centre(s: Session, model: str, run_id: int | None = None) -> np.nd
 
 def window_views(s: Session, model: str, run_id: int, windows: np.ndarray, rows) -> list[WindowView]:
     """Readable tokens of the given rows (indices into ``windows``), in the order given."""
-    from .tables import SequenceRow
+    from ...store.tables import SequenceRow
 
     rows = [int(r) for r in rows]
     if any(not 0 <= r < len(windows) for r in rows):
@@ -161,7 +204,7 @@ def window_views(s: Session, model: str, run_id: int, windows: np.ndarray, rows)
 
 
 def _add_show_retrieval(p) -> None:
-    from .db import DEFAULT_DB
+    from ...store.db import DEFAULT_DB
 
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
@@ -174,10 +217,10 @@ def _add_show_retrieval(p) -> None:
 
 
 def _show_retrieval(args, store) -> int:
-    from ..cli import print_json
-    from ..models import load_model
-    from ..retrieval.sift import DEFAULT_LAMBDA
-    from ..retrieval.support import prompt_support
+    from ...output import print_json
+    from ...models import load_model
+    from ...retrieval.sift import DEFAULT_LAMBDA
+    from ...retrieval.support import prompt_support
 
     lam = DEFAULT_LAMBDA if args.lam is None else args.lam
     with store.session() as s:

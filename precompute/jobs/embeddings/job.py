@@ -21,6 +21,16 @@ What a row is (the choices, in one place):
   makes the cosine reflect what differs between contexts.
 - A **prompt** is embedded the same way (mean over its non-BOS tokens, after the final norm,
   minus the run's centre, normalised): ``embed_text``/``embed_ids`` with ``centre=``.
+
+Streaming (``EmbeddingsAccumulator``, see ``precompute/sweep.py``): each window's raw pooled
+vector (float32) is computed at ``update``; ``drain`` hands the windows seen so far and their raw
+vectors to the store (``tables.write_embedding_chunk``: float32 rows marked not normalised) and
+forgets them. The centre is a mergeable sum: every raw vector in fixed point
+(``round(x * 2**CENTRE_FRAC_BITS)`` as int64, exact and independent of the order of addition)
+and the window count. ``finish`` returns the centre and whatever was not drained, normalised
+(``normalise_rows``); the store's ``write_embeddings`` then rewrites the drained raw rows with
+the same function, one chunk row at a time. Swept without draining (``run``), the result holds
+every window and its final vector, as before.
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..models import LoadedModel
-from ..sequences import Sequences, batches
+from ...models import LoadedModel
+from ...sequences import Batch, Sequences
+from ...sweep import Captured, Needs
+
+CENTRE_FRAC_BITS = 24  # fixed-point resolution of the centre's running sum (2^-24 per component)
 
 # structured dtype of a window: which sequence, and its positions [start, end) in that sequence
 WINDOW_DTYPE = np.dtype([("seq", "<i4"), ("start", "<i4"), ("end", "<i4")])
@@ -59,10 +71,15 @@ class EmbeddingsConfig:
 
 @dataclass
 class EmbeddingsResult:
+    """``vectors``/``windows`` are the rows not drained to the store during the sweep (all of them
+    when swept in memory), from row ``first_row`` on; ``n_windows`` counts every row of the run."""
+
     config: EmbeddingsConfig
-    vectors: np.ndarray  # [n_windows, d_model] float16, rows L2-normalised
+    vectors: np.ndarray  # [n, d_model] float16, rows L2-normalised
     windows: np.ndarray  # WINDOW_DTYPE records, one per row
     centre: np.ndarray  # [d_model] float32, subtracted before normalising (zeros when center=False)
+    n_windows: int = 0
+    first_row: int = 0
     pooling: str = "final_norm_mean"
 
 
@@ -73,15 +90,6 @@ def window_spans(length: int, first: int, window: int, min_tokens: int) -> list[
         last = spans.pop()
         spans[-1] = (spans[-1][0], last[1])
     return spans
-
-
-def make_windows(seqs: Sequences, cfg: EmbeddingsConfig) -> np.ndarray:
-    first = seqs.first_scored()
-    rows = []
-    for k, ids in enumerate(seqs.ids):
-        for s, e in window_spans(len(ids), first, cfg.window, cfg.min_tokens):
-            rows.append((k, s, e))
-    return np.array(rows, dtype=WINDOW_DTYPE)
 
 
 class _FinalNorm:
@@ -146,24 +154,81 @@ def embed_text(lm: LoadedModel, text: str, centre: np.ndarray | None = None) -> 
     return embed_ids(lm, lm.encode(text), centre=centre)[0]
 
 
-@torch.inference_mode()
-def run(lm: LoadedModel, seqs: Sequences, cfg: EmbeddingsConfig = EmbeddingsConfig()) -> EmbeddingsResult:
-    windows = make_windows(seqs, cfg)
-    raw = np.zeros((len(windows), lm.d_model), dtype=np.float32)
-    # window rows of each sequence, in order
-    by_seq: dict[int, list[int]] = {}
-    for r, k in enumerate(windows["seq"]):
-        by_seq.setdefault(int(k), []).append(r)
-    with _FinalNorm(lm) as cap, tqdm(total=seqs.n_tokens, desc="embeddings", unit="tok", unit_scale=True) as bar:
-        for b in batches(seqs, cfg.batch_size):
-            lm.forward(b.ids)
-            h = cap.out.float().cpu()
-            for i, k in enumerate(b.seq_idx):
-                rows = by_seq.get(int(k), [])
-                if not rows:
-                    continue
-                raw[rows] = torch.stack([h[i, windows["start"][r] : windows["end"][r]].mean(0) for r in rows]).numpy()
-            bar.update(sum(b.lengths))
-    centre = raw.mean(0) if cfg.center and len(raw) > 1 else np.zeros(lm.d_model, np.float32)
-    out = _normalise(raw - centre).astype(np.float16)
-    return EmbeddingsResult(config=cfg, vectors=out, windows=windows, centre=centre.astype(np.float32))
+def normalise_rows(raw: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Stored form of raw pooled vectors: ``(raw - centre) / norm`` as float16 (the one place)."""
+    return _normalise(np.asarray(raw, np.float32) - np.asarray(centre, np.float32)).astype(np.float16)
+
+
+@dataclass
+class EmbeddingsChunk:
+    """Drained windows (corpus order) and their raw pooled vectors; row ``first_row`` onwards."""
+
+    first_row: int
+    windows: np.ndarray  # WINDOW_DTYPE
+    raw: np.ndarray  # [n, d_model] float32, not centred, not normalised
+
+
+class EmbeddingsAccumulator:
+    """Raw pooled window vectors (until drained) and the centre's fixed-point sum. Picklable."""
+
+    needs = Needs(final=True)
+
+    def __init__(self, lm: LoadedModel, cfg: EmbeddingsConfig = EmbeddingsConfig()):
+        self.cfg = cfg
+        self.d_model = lm.d_model
+        self.pending: dict[int, tuple[list[tuple[int, int]], np.ndarray]] = {}  # seq -> (spans, raw [n, d])
+        self.n_drained = 0  # rows handed out by drain so far
+        self.n_rows = 0  # windows seen (drained or not)
+        self.centre_sum = np.zeros(lm.d_model, np.int64)  # sum of round(raw * 2^CENTRE_FRAC_BITS)
+
+    @torch.inference_mode()
+    def update(self, batch: Batch, cap: Captured) -> None:
+        h = cap.final.float().cpu()
+        for i, (k, n) in enumerate(zip(batch.seq_idx, batch.lengths)):
+            spans = window_spans(n, batch.first, self.cfg.window, self.cfg.min_tokens)
+            if not spans:
+                continue
+            raw = torch.stack([h[i, s:e].mean(0) for s, e in spans]).numpy()
+            self.pending[int(k)] = (spans, raw)
+            self.n_rows += len(spans)
+            self.centre_sum += np.rint(raw.astype(np.float64) * 2.0**CENTRE_FRAC_BITS).astype(np.int64).sum(0)
+
+    def merge(self, other: "EmbeddingsAccumulator") -> None:
+        self.pending.update(other.pending)
+        self.n_rows += other.n_rows
+        self.centre_sum += other.centre_sum
+
+    def _take(self) -> EmbeddingsChunk:
+        """The pending windows in corpus order, then forgotten."""
+        rows, vecs = [], []
+        for k in sorted(self.pending):
+            spans, raw = self.pending[k]
+            rows.extend((k, s, e) for s, e in spans)
+            vecs.append(raw)
+        chunk = EmbeddingsChunk(first_row=self.n_drained, windows=np.array(rows, dtype=WINDOW_DTYPE),
+                                raw=np.concatenate(vecs) if vecs else np.zeros((0, self.d_model), np.float32))
+        self.pending = {}
+        self.n_drained += len(chunk.windows)
+        return chunk
+
+    def drain(self) -> EmbeddingsChunk | None:
+        return self._take() if self.pending else None
+
+    def centre(self) -> np.ndarray:
+        if not self.cfg.center or self.n_rows <= 1:
+            return np.zeros(self.d_model, np.float32)
+        return (self.centre_sum.astype(np.float64) / 2.0**CENTRE_FRAC_BITS / self.n_rows).astype(np.float32)
+
+    def finish(self, lm: LoadedModel | None = None, tokens=None) -> "EmbeddingsResult":
+        centre = self.centre()
+        left = self._take()  # empty when every shard was drained
+        return EmbeddingsResult(config=self.cfg, vectors=normalise_rows(left.raw, centre), windows=left.windows,
+                                centre=centre, n_windows=self.n_rows, first_row=left.first_row)
+
+
+def run(lm: LoadedModel, seqs: Sequences, cfg: EmbeddingsConfig = EmbeddingsConfig()) -> "EmbeddingsResult":
+    """Every window of an in-memory ``Sequences`` (one shard, nothing drained): all rows in the result."""
+    from . import JOB
+    from ...sweep import run_jobs
+
+    return run_jobs(lm, seqs, [(JOB, cfg)], cfg.batch_size)[0]

@@ -8,8 +8,15 @@ import numpy as np
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, UniqueConstraint, insert, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import SAMPLE_DTYPE, Base, from_blob, to_blob
-from .queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
+from ...store.base import Base, from_blob, to_blob
+from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_tokens, vocab
+
+# A spectrum sample: where in the corpus, the activation there, its histogram bar, and its
+# context (``ctx[:n_ctx]``: up to 12 tokens before and 3 after, clipped to the sequence, BOS
+# included; the token itself is ``ctx[at]``), so a page needs no sequence to show it.
+CTX_WIDTH = 16
+SAMPLE_DTYPE = np.dtype([("seq", "<i4"), ("pos", "<i4"), ("act", "<f4"), ("bin", "<i2"), ("at", "<i2"),
+                         ("n_ctx", "<i2"), ("ctx", "<i4", (CTX_WIDTH,))])
 
 
 class NeuronStatsRow(Base):
@@ -24,7 +31,8 @@ class NeuronStatsRow(Base):
     max: Mapped[float] = mapped_column(Float)
     min: Mapped[float] = mapped_column(Float)
     frac_pos: Mapped[float] = mapped_column(Float)
-    hist: Mapped[bytes] = mapped_column(LargeBinary)  # int64 counts on equal bins from min to max
+    hist: Mapped[bytes] = mapped_column(LargeBinary)  # int64 counts of the shown bars
+    hist_edges: Mapped[bytes] = mapped_column(LargeBinary)  # float64 bar edges, one more than bars
     spectrum: Mapped[bytes] = mapped_column(LargeBinary)  # SAMPLE_DTYPE records
     top_tokens: Mapped[list] = mapped_column(JSON)  # [[token_id, mean_act, count], ...]
     logit_top: Mapped[list] = mapped_column(JSON)  # [[token_id, effect], ...]
@@ -65,7 +73,8 @@ def write_neurons(s: Session, run_id: int, result) -> None:
                 dict(
                     run_id=run_id, layer=L.layer, neuron=n, mean=float(L.mean[n]), std=float(L.std[n]),
                     max=float(L.max[n]), min=float(L.min[n]), frac_pos=float(L.frac_pos[n]),
-                    hist=to_blob(L.hist[n].astype(np.int64)), spectrum=to_blob(L.spectrum[n]), top_tokens=tt,
+                    hist=to_blob(L.hist[n].astype("<i8")), hist_edges=to_blob(L.hist_edges[n].astype("<f8")),
+                    spectrum=to_blob(L.spectrum[n].astype(SAMPLE_DTYPE)), top_tokens=tt,
                     logit_top=[[int(t), _r(v)] for t, v in zip(L.logit_top[n], L.logit_top_values[n])],
                     logit_bottom=[[int(t), _r(v)] for t, v in zip(L.logit_bottom[n], L.logit_bottom_values[n])],
                 )
@@ -86,13 +95,6 @@ def write_neurons(s: Session, run_id: int, result) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # queries
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int
-    text: str
-    special: bool
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class NeuronStats:
 
 @dataclass(frozen=True)
 class Histogram:
-    edges: tuple[float, ...]  # n_bins + 1
+    edges: tuple[float, ...]  # one more than counts: multiples of the fine bin width, covering min..max
     counts: tuple[int, ...]
 
 
@@ -134,9 +136,9 @@ class SpectrumSample:
     seq_idx: int
     pos: int
     act: float
-    bin: int
+    bin: int  # the histogram bar it was sampled from
     token: Token
-    context: str  # up to ~12 tokens before and 3 after, the token itself in [[ ]]
+    context: str  # up to 12 tokens before and 3 after, the token itself in [[ ]]
 
 
 @dataclass(frozen=True)
@@ -205,9 +207,8 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
         .order_by(NeuronExampleRow.rank)
     ).all()
     samples = from_blob(row.spectrum, SAMPLE_DTYPE)
-    need = {e.seq_idx for e in ex_rows} | {int(x) for x in samples["seq"]}
-    toks = sequence_tokens(s, run.id, need)
-    from .tables import SequenceRow
+    toks = sequence_tokens(s, run.id, {e.seq_idx for e in ex_rows})
+    from ...store.tables import SequenceRow
 
     story = dict(
         s.execute(
@@ -228,19 +229,18 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
             )
         )
     counts = from_blob(row.hist, np.int64)
-    edges = np.linspace(row.min, row.max, len(counts) + 1) if row.max > row.min else np.linspace(row.min, row.min + 1, len(counts) + 1)
-    width = (edges[-1] - edges[0]) or 1.0
+    edges = from_blob(row.hist_edges, np.float64)
     spectrum = []
     for rec in samples:
-        ids = toks[int(rec["seq"])]
-        p = int(rec["pos"])
-        before = "".join(voc[t] for t in ids[max(0, p - 12) : p])
-        after = "".join(voc[t] for t in ids[p + 1 : p + 4])
-        b = int(min(len(counts) - 1, max(0, np.floor((rec["act"] - edges[0]) / width * len(counts)))))
+        ctx = [int(t) for t in rec["ctx"][: rec["n_ctx"]]]
+        at = int(rec["at"])
+        before = "".join(_token(t, voc, special).text for t in ctx[:at])
+        after = "".join(_token(t, voc, special).text for t in ctx[at + 1 :])
+        tok = _token(ctx[at], voc, special)
         spectrum.append(
             SpectrumSample(
-                seq_idx=int(rec["seq"]), pos=p, act=float(rec["act"]), bin=b, token=_token(ids[p], voc, special),
-                context=f"{before}[[{voc[ids[p]]}]]{after}",
+                seq_idx=int(rec["seq"]), pos=int(rec["pos"]), act=float(rec["act"]), bin=int(rec["bin"]), token=tok,
+                context=f"{before}[[{tok.text}]]{after}",
             )
         )
     return NeuronPage(
@@ -308,3 +308,29 @@ def neurons_for_tokens(s: Session, model: str, token_ids: list[int], limit: int 
             hits.append((summaries[(l, n)], best[0], best[1]))
     hits.sort(key=lambda h: -h[1])
     return hits[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# `precompute show neuron` (registered through the job's spec)
+
+
+def _add_show_neuron(p) -> None:
+    from ...store.db import DEFAULT_DB
+
+    p.add_argument("--model", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--neuron", type=int, required=True)
+    p.add_argument("--run", type=int, default=None)
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--json", action="store_true", help="print JSON (the only format)")
+
+
+def _show_neuron(args, store) -> int:
+    from ...output import print_json
+
+    with store.session() as s:
+        print_json(neuron_page(s, args.model, args.layer, args.neuron, args.run))
+    return 0
+
+
+SHOW_NEURON = (_add_show_neuron, _show_neuron)

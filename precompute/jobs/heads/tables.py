@@ -13,9 +13,8 @@ import numpy as np
 from sqlalchemy import Float, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint, insert, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import Base, from_blob, to_blob
-from .neurons import Token
-from .queries import NotFound, RunInfo, get_model, latest_run, sequence_tokens, vocab
+from ...store.base import Base, from_blob, to_blob
+from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_tokens, vocab
 
 
 class HeadStatsRow(Base):
@@ -182,7 +181,7 @@ def _summary(r: HeadStatsRow) -> HeadSummary:
 
 
 def _thresholds() -> dict:
-    from ..jobs.heads import LABEL_THRESHOLDS
+    from .job import LABEL_THRESHOLDS
 
     return dict(LABEL_THRESHOLDS)
 
@@ -227,7 +226,7 @@ def head_page(s: Session, model: str, layer: int, head: int, run_id: int | None 
         .order_by(HeadExampleRow.rank)
     ).all()
     toks = sequence_tokens(s, run.id, {e.seq_idx for e in ex_rows})
-    from .tables import SequenceRow
+    from ...store.tables import SequenceRow
 
     story = dict(
         s.execute(
@@ -263,7 +262,7 @@ def head_page(s: Session, model: str, layer: int, head: int, run_id: int | None 
 
 
 def _add_common(p) -> None:
-    from .db import DEFAULT_DB
+    from ...store.db import DEFAULT_DB
 
     p.add_argument("--model", required=True)
     p.add_argument("--run", type=int, default=None)
@@ -278,7 +277,7 @@ def _add_show_head(p) -> None:
 
 
 def _show_head(args, store) -> int:
-    from ..cli import print_json
+    from ...output import print_json
 
     with store.session() as s:
         print_json(head_page(s, args.model, args.layer, args.head, args.run))
@@ -286,7 +285,7 @@ def _show_head(args, store) -> int:
 
 
 def _show_heads(args, store) -> int:
-    from ..cli import print_json
+    from ...output import print_json
 
     with store.session() as s:
         print_json(heads_overview(s, args.model, args.run))

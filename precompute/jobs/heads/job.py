@@ -32,7 +32,14 @@ Definitions (``A[q, k]`` is a head's attention weight from query ``q`` to key ``
   ``R^2 < 0.2``, else ``mixed`` (``LABEL_THRESHOLDS``).
 
 The job also keeps ``n_examples`` example patterns per head: the first ``example_len`` tokens
-of the first ``n_examples`` corpus sequences (float16).
+of the first ``n_examples`` corpus sequences (global ``seq_idx < n_examples``; float16).
+
+Streaming (``HeadsAccumulator``, see ``precompute/sweep.py``): every statistic above is a sum
+(float64 on the host) or a count, so shards merge by adding them; the example patterns merge
+by union (each belongs to one sequence). Profile arrays are sized by the run's longest possible
+sequence (``max_len``: ``--ctx-len`` capped by the model's context) and cut, at ``finish``, after
+the longest distance any query saw. Nothing is per token: ``drain`` returns None. The induction
+test is its own forward pass, run once at ``finish``.
 """
 
 from __future__ import annotations
@@ -42,10 +49,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..models import LoadedModel
-from ..sequences import Sequences, batches
+from ...models import LoadedModel
+from ...sequences import Batch, Sequences
+from ...sweep import Captured, Needs
 
 HeadLabel = Literal["distance", "mixed", "semantic"]
 # distance_r2 at or above "distance" -> distance head; below "semantic" -> semantic head; else mixed
@@ -69,6 +76,7 @@ class HeadsConfig:
     induction_batch: int = 16
     layers: tuple[int, ...] | None = None
     seed: int = 0
+    max_len: int | None = None  # longest sequence of the run (--ctx-len); None: the model's context
 
     def __post_init__(self):
         for name in ("batch_size", "example_len", "induction_len", "induction_batch"):
@@ -78,6 +86,8 @@ class HeadsConfig:
             raise ValueError("n_examples must be >= 0")
         if self.induction_len < 2:
             raise ValueError("induction_len must be at least 2")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError("max_len must be at least 1")
 
     def params(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -116,8 +126,8 @@ class HeadsResult:
     induction_len: int = 0  # the half length actually used (capped by the model's context)
 
 
-class _Acc:
-    """Running sums for one layer (float64), fed one batch of patterns at a time."""
+class _Sums:
+    """Running sums for one layer (float64), fed one batch of patterns at a time; merge by adding."""
 
     def __init__(self, n_heads: int, max_len: int):
         z = lambda *s: torch.zeros(s, dtype=torch.float64)  # noqa: E731
@@ -131,6 +141,23 @@ class _Acc:
         self.dup = z(n_heads)
         self.n_q = 0
         self.n_dup = 0
+
+    def add(self, o: "_Sums") -> None:
+        for k in ("w", "n", "w_nb", "w2_nb", "n_nb", "ent", "first", "dup"):
+            getattr(self, k).add_(getattr(o, k))
+        self.n_q += o.n_q
+        self.n_dup += o.n_dup
+
+    def cut(self, n: int) -> "_Sums":
+        """The same sums for distances 0..n-1 only (all later ones must be empty)."""
+        out = _Sums.__new__(_Sums)
+        for k in ("w", "w_nb", "w2_nb"):
+            setattr(out, k, getattr(self, k)[:, :n].clone())
+        for k in ("n", "n_nb"):
+            setattr(out, k, getattr(self, k)[:n].clone())
+        for k in ("ent", "first", "dup", "n_q", "n_dup"):
+            setattr(out, k, getattr(self, k))
+        return out
 
 
 def _masks(ids: torch.Tensor, lengths: list[int], first: int):
@@ -159,10 +186,10 @@ def _diag_sums(S: torch.Tensor, m: dict) -> torch.Tensor:
     return (torch.gather(S, 2, m["gather_idx"].expand(H, T, T)) * m["tri"]).sum(1).double().cpu()
 
 
-def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None:
-    """Add one batch's patterns A [B, H, T, T] to ``acc`` (A is overwritten)."""
+def _accumulate(acc: _Sums, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None:
+    """Add one batch's patterns A [B, H, T, T] to ``acc`` (A itself is left as it is)."""
     B, H, T, _ = A.shape
-    A = A.float().mul_(m["qmask"])  # rows of unscored queries -> 0
+    A = A.float() * m["qmask"]  # rows of unscored queries -> 0 (a copy: the sweep's tensors are shared)
     w = _diag_sums(A.sum(0), m)  # [H, T(d)]
     w2 = _diag_sums(torch.einsum("bhqk,bhqk->hqk", A, A), m)  # sum over the batch of A^2
     acc.w[:, :T] += w
@@ -184,7 +211,7 @@ def _accumulate(acc: _Acc, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None
     acc.n_dup += m["n_dup"]
 
 
-def _r2(acc: _Acc) -> np.ndarray:
+def _r2(acc: _Sums) -> np.ndarray:
     """1 - SS_res/SS_tot of the weights (BOS key left out) against their per-distance means."""
     n = acc.n_nb.double()
     ok = n > 0
@@ -222,63 +249,93 @@ def induction_scores(lm: LoadedModel, half: int, batch: int, seed: int) -> dict[
     return {l: a[:, :, q, k].float().mean((0, 2)).cpu().double().numpy() for l, a in enumerate(out.attentions)}
 
 
-@torch.inference_mode()
-def run(lm: LoadedModel, seqs: Sequences, cfg: HeadsConfig = HeadsConfig()) -> HeadsResult:
-    """Every statistic in the module docstring, for ``cfg.layers`` (default all) and every head."""
-    layers = list(cfg.layers) if cfg.layers is not None else list(range(lm.n_layers))
-    for l in layers:
-        lm.check_layer(l)
-    max_len = max(len(s) for s in seqs.ids)
-    first = seqs.first_scored()
-    accs = {l: _Acc(lm.n_heads, max_len) for l in layers}
-    want = {i: r for r, i in enumerate(range(min(cfg.n_examples, len(seqs.ids))))}  # seq_idx -> rank
-    examples: dict[int, dict[int, np.ndarray]] = {l: {} for l in layers}  # layer -> rank -> [H, n, n]
-    with tqdm(total=seqs.n_tokens, desc="heads", unit="tok", unit_scale=True) as bar:
-        for b in batches(seqs, cfg.batch_size):
-            ids = b.ids.to(lm.device)
-            masks = _masks(ids, b.lengths, first)
-            out = lm.forward(ids, output_attentions=True)
-            for l in layers:
-                A = out.attentions[l]  # [B, H, T, T] on the model's device; reduced there
-                for r, (k, n) in enumerate(zip(b.seq_idx, b.lengths)):
-                    if k in want:  # before _accumulate, which zeroes unscored rows in place
-                        m = min(n, cfg.example_len)
-                        examples[l][want[k]] = A[r, :, :m, :m].to(torch.float16).cpu().numpy().copy()
-                _accumulate(accs[l], A, masks, seqs.prepend_bos)
-            bar.update(sum(b.lengths))
-    half = min(cfg.induction_len, (lm.n_ctx - 1) // 2)
-    ind = induction_scores(lm, half, cfg.induction_batch, cfg.seed)
-    result = HeadsResult(config=cfg, induction_len=half)
-    for l in layers:
-        acc = accs[l]
-        n = acc.n.double()
-        profile = torch.where(n > 0, acc.w / n.clamp(min=1), torch.zeros_like(acc.w))
-        nq = max(acc.n_q, 1)
-        dist = torch.arange(max_len, dtype=torch.float64)
-        r2 = _r2(acc)
-        ex = [
-            [HeadExample(seq_idx=k, pattern=examples[l][rank][h]) for k, rank in want.items() if rank in examples[l]]
-            for h in range(lm.n_heads)
-        ]
-        result.layers.append(
-            LayerHeads(
-                layer=l,
-                profile=profile.numpy(),
-                profile_counts=acc.n.numpy(),
-                mean_distance=((acc.w * dist).sum(1) / nq).numpy(),
-                entropy=(acc.ent / nq).numpy(),
-                prev_token=profile[:, 1].numpy() if max_len > 1 else np.zeros(lm.n_heads),
-                first_token=(acc.first / nq).numpy(),
-                duplicate_token=(acc.dup / acc.n_dup).numpy() if acc.n_dup else np.full(lm.n_heads, np.nan),
-                induction=ind[l],
-                distance_r2=r2,
-                labels=[label_for(float(x)) for x in r2],
-                examples=ex,
+class HeadsAccumulator:
+    """Sums of every statistic in the module docstring, per layer, for ``cfg.layers`` (default
+    all) and every head, plus the example patterns. Picklable (tensors and arrays only)."""
+
+    needs = Needs(attentions=True)
+
+    def __init__(self, lm: LoadedModel, cfg: HeadsConfig = HeadsConfig()):
+        self.cfg = cfg
+        self.layers = list(cfg.layers) if cfg.layers is not None else list(range(lm.n_layers))
+        for l in self.layers:
+            lm.check_layer(l)
+        self.n_heads = lm.n_heads
+        self.max_len = min(cfg.max_len or lm.n_ctx, lm.n_ctx)
+        self.sums = {l: _Sums(lm.n_heads, self.max_len) for l in self.layers}
+        self.examples: dict[int, dict[int, np.ndarray]] = {l: {} for l in self.layers}  # layer -> seq_idx -> [H, n, n]
+
+    @torch.inference_mode()
+    def update(self, batch: Batch, cap: Captured) -> None:
+        T = batch.ids.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"a sequence of {T} tokens is longer than the heads job's max_len {self.max_len}")
+        ids = batch.ids.to(cap.attentions[0].device)
+        masks = _masks(ids, batch.lengths, batch.first)
+        for l in self.layers:
+            A = cap.attentions[l]  # [B, H, T, T] on the model's device; reduced there
+            for r, (k, n) in enumerate(zip(batch.seq_idx, batch.lengths)):
+                if k < self.cfg.n_examples:
+                    m = min(n, self.cfg.example_len)
+                    self.examples[l][k] = A[r, :, :m, :m].to(torch.float16).cpu().numpy().copy()
+            _accumulate(self.sums[l], A, masks, skip_bos_key=batch.first > 0)
+
+    def merge(self, other: "HeadsAccumulator") -> None:
+        for l in self.layers:
+            self.sums[l].add(other.sums[l])
+            self.examples[l].update(other.examples[l])
+
+    def drain(self) -> None:
+        return None  # nothing per token
+
+    def finish(self, lm: LoadedModel, tokens=None) -> HeadsResult:
+        cfg = self.cfg
+        half = min(cfg.induction_len, (lm.n_ctx - 1) // 2)
+        ind = induction_scores(lm, half, cfg.induction_batch, cfg.seed)
+        result = HeadsResult(config=cfg, induction_len=half)
+        for l in self.layers:
+            seen = torch.nonzero(self.sums[l].n).flatten()
+            acc = self.sums[l].cut(int(seen[-1]) + 1 if len(seen) else 1)  # the run's longest distance + 1
+            max_len = acc.n.shape[0]
+            n = acc.n.double()
+            profile = torch.where(n > 0, acc.w / n.clamp(min=1), torch.zeros_like(acc.w))
+            nq = max(acc.n_q, 1)
+            dist = torch.arange(max_len, dtype=torch.float64)
+            r2 = _r2(acc)
+            ex = [[HeadExample(seq_idx=k, pattern=self.examples[l][k][h]) for k in sorted(self.examples[l])]
+                  for h in range(self.n_heads)]
+            result.layers.append(
+                LayerHeads(
+                    layer=l,
+                    profile=profile.numpy(),
+                    profile_counts=acc.n.numpy(),
+                    mean_distance=((acc.w * dist).sum(1) / nq).numpy(),
+                    entropy=(acc.ent / nq).numpy(),
+                    prev_token=profile[:, 1].numpy() if max_len > 1 else np.zeros(self.n_heads),
+                    first_token=(acc.first / nq).numpy(),
+                    duplicate_token=(acc.dup / acc.n_dup).numpy() if acc.n_dup else np.full(self.n_heads, np.nan),
+                    induction=ind[l],
+                    distance_r2=r2,
+                    labels=[label_for(float(x)) for x in r2],
+                    examples=ex,
+                )
             )
-        )
-        result.n_queries = acc.n_q
-        result.n_dup_queries = acc.n_dup
-    return result
+            result.n_queries = acc.n_q
+            result.n_dup_queries = acc.n_dup
+        return result
+
+
+def example_sequences(result: HeadsResult) -> list[int]:
+    """The sequences whose tokens the stored example patterns show."""
+    return sorted({e.seq_idx for L in result.layers for per_head in L.examples for e in per_head})
+
+
+def run(lm: LoadedModel, seqs: Sequences, cfg: HeadsConfig = HeadsConfig()) -> HeadsResult:
+    """Every statistic in the module docstring over an in-memory ``Sequences`` (one shard)."""
+    from . import JOB
+    from ...sweep import run_jobs
+
+    return run_jobs(lm, seqs, [(JOB, cfg)], cfg.batch_size)[0]
 
 
 @torch.inference_mode()

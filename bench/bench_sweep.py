@@ -1,0 +1,172 @@
+"""The one-pass sweep at corpus scale: throughput against the bare forward pass, peak memory
+against corpus size, and Ray workers against one process.
+
+    python bench/bench_sweep.py throughput [--tokens 50000]
+    python bench/bench_sweep.py memory [--sizes 100000,1000000,10000000]
+    python bench/bench_sweep.py ray [--tokens 400000] [--workers 2]
+
+throughput: per model, the full sweep (neurons + heads + embeddings) and neurons alone, against
+    the bare forward pass (``lm.model(input_ids)``) on the same batches; bare and sweep alternate
+    for ``--rounds`` rounds and the ratio is the median of the rounds'.
+memory: ``precompute run --jobs neurons,heads,embeddings --max-tokens N`` on the bundled model,
+    each size in a fresh process, over a corpus made by repeating the shared training text
+    (train-5511-lowercase.txt) in a new random order each time (``make_corpus``), so 10M tokens
+    of real TinyStories text exist; peak RSS from the kernel (wait4).
+ray: the same run in one process and on a local Ray cluster of ``--workers`` workers
+    (one torch thread each), wall-clock throughput and whether the stored results are identical.
+
+Run with nothing else on the machine: timings of shared cores are meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import ROOT, SHARED, available_models, need_corpus
+
+from precompute.corpus import read_text_corpus
+from precompute.models import load_model
+from precompute.sequences import batches, tokenize
+from precompute.sweep import SeqsLookup, sweep_shard
+
+TRAIN = SHARED / "corpora" / "tinystories" / "train-5511-lowercase.txt"
+BUNDLED = ROOT / "data" / "models" / "tinystories-4l"
+
+
+def bare_forward(lm, seqs, batch_size: int) -> float:
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches(seqs, batch_size):
+            lm.model(input_ids=b.ids)
+    return time.perf_counter() - t
+
+
+def sweep_time(lm, seqs, jobs: list[str], batch_size: int) -> float:
+    from precompute.jobs import JOBS
+
+    args = argparse.Namespace(top_k=20, batch_size=batch_size, layers=None, seed=0, ctx_len=256, head_examples=3,
+                              induction_len=50, embed_window=64)
+    t = time.perf_counter()
+    accs = [JOBS[j]().accumulator(lm, JOBS[j]().config(args)) for j in jobs]
+    sweep_shard(lm, seqs, accs, batch_size)
+    for a in accs:
+        a.drain()
+        a.finish(lm, SeqsLookup(seqs))
+    return time.perf_counter() - t
+
+
+def throughput(args) -> None:
+    corpus = read_text_corpus(need_corpus())
+    print(f"\n{'model':26s} {'tokens':>8s} {'bare tok/s':>11s} {'what':>26s} {'tok/s':>9s} {'ratio':>6s}")
+    for name, path in available_models().items():
+        lm = load_model(str(path))
+        seqs = tokenize(lm, corpus, ctx_len=256, max_tokens=args.tokens)
+        bare_forward(lm, seqs, args.batch_size)  # burn-in
+        sweep_time(lm, tokenize(lm, corpus, ctx_len=256, max_tokens=2000), ["neurons", "heads", "embeddings"], args.batch_size)
+        for jobs in (["neurons", "heads", "embeddings"], ["neurons"]):
+            bare, job = [], []
+            for _ in range(args.rounds):
+                bare.append(bare_forward(lm, seqs, args.batch_size))
+                job.append(sweep_time(lm, seqs, jobs, args.batch_size))
+            ratio = statistics.median(b / j for b, j in zip(bare, job))
+            n = seqs.n_tokens
+            print(f"{name:26s} {n:8,d} {n / statistics.median(bare):11,.0f} {'+'.join(jobs):>26s} "
+                  f"{n / statistics.median(job):9,.0f} {ratio:6.2f}", flush=True)
+
+
+def make_corpus(tokens: int, folder: Path) -> Path:
+    """At least ``tokens`` tokens of TinyStories text (bundled tokenizer: about 4.1 characters a
+    token): the training excerpt repeated, each copy in a new random order (seeded)."""
+    if not TRAIN.exists():
+        sys.exit(f"{TRAIN} is absent")
+    path = folder / f"corpus-{tokens}.txt"
+    if path.exists():
+        return path
+    stories = read_text_corpus(TRAIN).stories
+    need_chars = tokens * 4.6
+    rng = random.Random(0)
+    written = 0
+    with open(path, "w") as f:
+        while written < need_chars:
+            order = list(stories)
+            rng.shuffle(order)
+            for s in order:
+                f.write(s.replace("\n", " ") + "\n")
+                written += len(s) + 1
+    return path
+
+
+def _run_cli(argv: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB, stderr) of one `precompute` process."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "precompute.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.exit(f"precompute failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+    return time.perf_counter() - t, usage.ru_maxrss / 1024, err
+
+
+def memory(args) -> None:
+    folder = Path(args.work or tempfile.mkdtemp(prefix="tinyscope-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    corpus = make_corpus(max(sizes), folder)
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 2**20:.0f} MB)")
+    print(f"\n{'tokens':>11s} {'seconds':>8s} {'tok/s':>8s} {'peak RSS MB':>12s}")
+    for n in sizes:
+        db = folder / f"mem-{n}.db"
+        db.unlink(missing_ok=True)
+        sec, rss, _ = _run_cli(["run", "--model", str(BUNDLED), "--corpus", str(corpus), "--db", f"sqlite:///{db}",
+                                "--jobs", args.jobs, "--max-tokens", str(n), "--separator", "newline"])
+        print(f"{n:11,d} {sec:8.0f} {n / sec:8,.0f} {rss:12,.0f}", flush=True)
+        db.unlink(missing_ok=True)
+
+
+def ray_compare(args) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="tinyscope-ray-"))
+    corpus = make_corpus(args.tokens, folder)
+    common = ["run", "--model", str(BUNDLED), "--corpus", str(corpus), "--jobs", args.jobs, "--max-tokens", str(args.tokens),
+              "--separator", "newline", "--shard-tokens", str(args.shard_tokens)]
+    dbs = {}
+    print(f"\n{'how':>20s} {'seconds':>8s} {'tok/s':>8s}")
+    for how, extra in (("one process", []), (f"Ray, {args.workers} workers", ["--workers", str(args.workers)])):
+        db = folder / f"{how.split(',')[0].replace(' ', '-')}.db"
+        sec, _, _ = _run_cli(common + ["--db", f"sqlite:///{db}", *extra])
+        dbs[how] = db
+        print(f"{how:>20s} {sec:8.1f} {args.tokens / sec:8,.0f}", flush=True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_runs import _contents
+
+    a, b = (_contents(f"sqlite:///{d}") for d in dbs.values())
+    print("identical results:", a == b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["throughput", "memory", "ray"])
+    ap.add_argument("--tokens", type=int, default=50_000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sizes", default="100000,1000000,10000000")
+    ap.add_argument("--jobs", default="neurons,heads,embeddings")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shard-tokens", type=int, default=100_000)
+    ap.add_argument("--work", default=None, help="folder for the generated corpus and databases")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    {"throughput": throughput, "memory": memory, "ray": ray_compare}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The neuron job (``job.py``: config, accumulator, result; ``scan.py``: its compiled kernels;
+``tables.py``: rows, writer and the neuron-page queries) and its ``JOB`` spec."""
+
+from ...sweep import JobSpec
+from .job import (ExampleTable, Example, LayerNeurons, NeuronsAccumulator, NeuronsConfig, NeuronsResult, prepare,
+                  run)
+from .tables import SHOW_NEURON, write_neurons
+
+
+def _config(args) -> NeuronsConfig:
+    layers = getattr(args, "layers", None)
+    return NeuronsConfig(
+        top_k=getattr(args, "top_k", 20),
+        batch_size=getattr(args, "batch_size", 32),
+        layers=tuple(int(x) for x in str(layers).split(",") if x.strip()) if layers else None,
+        seed=getattr(args, "seed", 0),
+    )
+
+
+def _sequences(result: NeuronsResult) -> list[int]:
+    """Sequences the stored top examples show (spectrum samples carry their own context)."""
+    seqs = {int(s) for L in result.layers for s in L.examples.seq}
+    return sorted(seqs)
+
+
+JOB = JobSpec(
+    name="neurons",
+    config=_config,
+    accumulator=lambda lm, cfg: NeuronsAccumulator(lm, cfg),
+    write=write_neurons,
+    summary=lambda r: {"n_scored": r.n_scored} | ({} if r.top_tokens_among is None else {"top_tokens_among": r.top_tokens_among}),
+    sequences=_sequences,
+    add_args=None,
+    prepare=prepare,
+    shows={"neuron": SHOW_NEURON},
+)
+
+__all__ = ["JOB", "Example", "ExampleTable", "LayerNeurons", "NeuronsAccumulator", "NeuronsConfig", "NeuronsResult",
+           "prepare", "run"]
