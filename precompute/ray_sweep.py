@@ -11,6 +11,7 @@ one of those options is given.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Iterator
 
 from .sequences import Sequences
@@ -28,12 +29,14 @@ class SweepWorker:
         self.lm = load_model(model_id, device=device)
         self.batch_size = batch_size
 
-    def sweep(self, shard: Sequences, jobs: list[tuple[str, Any]]) -> list:
+    def sweep(self, shard: Sequences, jobs: list[tuple[str, Any]]) -> bytes:
+        """The shard's accumulators, pickled: Ray hands numpy arrays back read-only (zero-copy),
+        and the driver merges into them, so they travel as bytes and are unpickled writable."""
         from .jobs import JOBS
         from .sweep import sweep_shard
 
         accs = [JOBS[name]().accumulator(self.lm, cfg) for name, cfg in jobs]
-        return sweep_shard(self.lm, shard, accs, self.batch_size)
+        return pickle.dumps(sweep_shard(self.lm, shard, accs, self.batch_size), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def ray_sweep(args, names: list[str]):
@@ -87,7 +90,7 @@ def ray_sweep(args, names: list[str]):
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 shard, w = in_flight.pop(ready[0])
                 free.append(w)
-                done[shard.index] = (shard, ray.get(ready[0]))
+                done[shard.index] = (shard, pickle.loads(ray.get(ready[0])))
         finally:
             if started:
                 ray.shutdown()

@@ -145,9 +145,11 @@ def test_locked_database(capsys, db, stories260k_path, small_corpus):
 
 
 def test_failure_while_writing_rolls_back(monkeypatch, db, stories260k_path, small_corpus):
-    import precompute.jobs.neurons.tables as neurons_store
+    from dataclasses import replace
 
-    real = neurons_store.write_neurons
+    import precompute.jobs.neurons as neurons_job
+
+    real = neurons_job.JOB.write
 
     def half_then_die(s, run_id, result):
         result.layers = result.layers[:2]
@@ -155,7 +157,7 @@ def test_failure_while_writing_rolls_back(monkeypatch, db, stories260k_path, sma
         raise RuntimeError("disk on fire")  # ... and then the job dies
 
     before = _snapshot(db)
-    monkeypatch.setattr(neurons_store, "write_neurons", half_then_die)
+    monkeypatch.setattr(neurons_job, "JOB", replace(neurons_job.JOB, write=half_then_die))
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["run", "--model", str(stories260k_path), "--corpus", str(small_corpus), "--db", db, "--max-tokens", "800"])
     assert _snapshot(db) == before

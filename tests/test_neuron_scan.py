@@ -154,17 +154,18 @@ def test_update_block_with_a_small_candidate_buffer(seed, tile):
     lengths[0] = T
     rkeys = rng.permutation(B).astype(np.int64) * T  # rows out of corpus order
     keys2d = rkeys[:, None] + np.arange(T)
-    hashes = scan.to_signed(scan.sample_hash(keys2d, 0))
-    tslot = np.full((B, T), -1, np.int64)
     seq_idx = np.arange(B, dtype=np.int64)
     st = scan.LayerState.empty(d, S, K, 2 * before + 1, 0)
     M = K * (2 * before + 1)
-    n_b = int((lengths - 1).sum())
-    status = scan.update_block(A, lengths, 1, rkeys, hashes, tslot, seq_idx, 0, d, 0, n_b, st.lo, st.hi, st.ex, st.mean,
-                               st.m2, st.npos, st.bins, st.rh, st.ra, st.rloc, *st.top_arrays(), st.tsum, M, before,
-                               before, tile)
-    assert status == 0
     r, p = np.nonzero((np.arange(T)[None, :] >= 1) & (np.arange(T)[None, :] < lengths[:, None]))
+    key = keys2d[r, p]
+    hh = scan.to_signed(scan.sample_hash(key, 0))
+    none = np.zeros(0, np.int64)
+    status = scan.update_block(A, r, p, key, hh, (seq_idx[r] << scan.LOC_BITS) | p, np.argsort(hh), np.sort(hh), none,
+                               none, np.zeros(1, np.int64),
+                               seq_idx, lengths, 0, d, 0, st.lo, st.hi, st.ex, st.mean, st.m2, st.npos, st.bins, st.rh,
+                               st.ra, st.rloc, *st.top_arrays(), st.tsum, M, before, before, tile)
+    assert status == 0
     for i in range(d):
         x = A[r, p, i]
         kept = _greedy(x, keys2d[r, p], r, p, before, K)

@@ -302,8 +302,9 @@ def hard_data(seed: int = 0, n_seq: int = 40, d: int = 8):
         for j, r in enumerate(rows):
             ids_b[j, : lens[r]] = ids[r]
             A[j, : lens[r]] = acts[r]
-        plan.append((Batch(seq_idx=[int(r) for r in rows], ids=torch.from_numpy(ids_b), lengths=[int(lens[r]) for r in rows],
-                           keys=[int(keys[r]) for r in rows], first=1), Captured(mlp={0: torch.from_numpy(A)})))
+        batch = Batch(seq_idx=[int(r) for r in rows], ids=torch.from_numpy(ids_b),
+                      lengths=[int(lens[r]) for r in rows], keys=[int(keys[r]) for r in rows], first=1)
+        plan.append((batch, Captured(mlp={0: torch.from_numpy(A)})))
     return ids, acts, keys, plan
 
 

@@ -25,10 +25,10 @@ def _args(model, corpus, db, *extra):
             "--max-tokens", "6000", "--shard-tokens", "1500", "--ctx-len", "128", "--top-k", "8", *extra]
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _cli(args, env=None):
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "precompute.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kw)
+                            text=True, env=env)
 
 
 def _runs(url: str) -> dict[str, tuple[int, str]]:

@@ -118,7 +118,6 @@ mode = url.get_choice("mode", MODES, "list")
 hyp_text = c[0].text_input(
     "Hypothesis: the neuron fires on…", url.get_str("hyp"),
     placeholder="tokens, comma-separated (dog, cat, bird) or a regex (^ [A-Z])",
-    help=f"A regex is at most {MAX_PATTERN} characters, RE2 syntax: no backreferences or lookaround.",
 )
 mode = c[1].radio("as", list(MODES), index=list(MODES).index(mode), format_func=MODES.get, horizontal=True)
 log_y = c[2].checkbox("log y", url.get_str("log") == "1")
@@ -128,6 +127,8 @@ url.sync("hyp", hyp_text, "")
 url.sync("mode", mode, "list")
 url.sync("log", "1" if log_y else None)
 url.sync("top", top_pct, 20)
+if mode == "regex":
+    st.caption(f"A regex is at most {MAX_PATTERN} characters, RE2 syntax: no backreferences or lookaround.")
 
 hyp = None
 try:

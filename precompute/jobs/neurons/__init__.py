@@ -4,7 +4,8 @@
 from ...sweep import JobSpec
 from .job import (ExampleTable, Example, LayerNeurons, NeuronsAccumulator, NeuronsConfig, NeuronsResult, prepare,
                   run)
-from .tables import SHOW_NEURON, write_neurons
+from . import tables
+from .tables import SHOW_NEURON
 
 
 def _config(args) -> NeuronsConfig:
@@ -17,6 +18,18 @@ def _config(args) -> NeuronsConfig:
     )
 
 
+def _write(s, run_id: int, result: NeuronsResult) -> None:
+    tables.write_neurons(s, run_id, result)  # looked up at call time (tests replace it)
+
+
+def _summary(r: NeuronsResult) -> dict:
+    """The run's summary; ``top_tokens_among`` when top tokens were ranked among the tracked ones."""
+    out = {"n_scored": r.n_scored}
+    if r.top_tokens_among is not None:
+        out["top_tokens_among"] = r.top_tokens_among
+    return out
+
+
 def _sequences(result: NeuronsResult) -> list[int]:
     """Sequences the stored top examples show (spectrum samples carry their own context)."""
     seqs = {int(s) for L in result.layers for s in L.examples.seq}
@@ -27,8 +40,8 @@ JOB = JobSpec(
     name="neurons",
     config=_config,
     accumulator=lambda lm, cfg: NeuronsAccumulator(lm, cfg),
-    write=write_neurons,
-    summary=lambda r: {"n_scored": r.n_scored} | ({} if r.top_tokens_among is None else {"top_tokens_among": r.top_tokens_among}),
+    write=_write,
+    summary=_summary,
     sequences=_sequences,
     add_args=None,
     prepare=prepare,

@@ -13,9 +13,11 @@ on how the corpus was cut into shards or batches (floating-point sums aside, see
    each sequence's own greedy-kept tokens, and the greedy decisions of tokens ahead of a
    threshold depend only on tokens ahead of it. So per batch only tokens ahead of a neuron's
    current K-th kept example are candidates (at most ``top_k * (2 * ctx_before + 1)`` of them
-   matter: that many candidates hold at least K kept ones). Each kept example stores the
-   activation of every token of its window ``[pos - ctx_before, pos + ctx_after]`` (clipped to the
-   sequence, BOS included), copied when it enters the list. Merge: the best K of the union.
+   matter: that many candidates hold at least K kept ones); while it has fewer than K, those
+   ahead of a fine-bin edge of the histogram, lowered until K kept ones are above it. Each kept
+   example stores the activation of every token of its window
+   ``[pos - ctx_before, pos + ctx_after]`` (clipped to the sequence, BOS included), copied when it
+   enters the list. Merge: the best K of the union.
 2. **Histogram**: fine bins of width ``2^e``, bin ``k = floor(x / 2^e)`` (exact in float64). ``e`` is
    the smallest integer ``>= E_MIN`` (-40) for which ``floor(max / 2^e) - floor(min / 2^e) < 256``
    (and ``|k| < 2^50``): a function of the neuron's min and max only, so any sharding gives the
@@ -47,8 +49,6 @@ blocks on threads (``backend="numba"``, the CPU default), or torch ops on the mo
 
 from __future__ import annotations
 
-import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -195,6 +195,21 @@ def prepare(lm: LoadedModel, cfg: NeuronsConfig, first_shard: Sequences) -> Neur
 
 # ---------------------------------------------------------------------------------- accumulator
 
+
+@dataclass
+class _TokenBatch:
+    """A batch's scored tokens in (row, position) order."""
+
+    lengths: np.ndarray  # per row
+    seq_idx: np.ndarray  # per row: global sequence index
+    r: np.ndarray  # row
+    p: np.ndarray  # position
+    key: np.ndarray  # global corpus-order key
+    hash: np.ndarray  # spectrum-sample hash, signed order
+    loc: np.ndarray  # seq << LOC_BITS | pos
+    tt: np.ndarray  # the token's column in the per-token sums (-1: untracked)
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -222,7 +237,9 @@ class NeuronsAccumulator:
                              "call the job's prepare() with the first shard")
         self.tmap = np.full(max(lm.vocab_size, int(self.tracked.max(initial=-1)) + 1), -1, np.int64)
         self.tmap[self.tracked] = np.arange(len(self.tracked))
-        self.backend = ("torch" if str(lm.device).startswith("cuda") else "numba") if cfg.backend == "auto" else cfg.backend
+        self.backend = cfg.backend
+        if cfg.backend == "auto":
+            self.backend = "torch" if str(lm.device).startswith("cuda") else "numba"
         W = cfg.ctx_before + cfg.ctx_after + 1
         self.state = {l: scan.LayerState.empty(self.d, cfg.samples_per_bin, cfg.top_k, W, len(self.tracked))
                       for l in self.layers}
@@ -251,44 +268,52 @@ class NeuronsAccumulator:
     def update(self, batch: Batch, cap: Captured) -> None:
         lengths = np.asarray(batch.lengths, np.int64)
         first = int(batch.first)
-        n_b = int(np.maximum(lengths - first, 0).sum())
-        if n_b == 0:
-            return
         ids = batch.ids.cpu().numpy().astype(np.int64, copy=False)
-        B, T = ids.shape
-        rkeys = np.asarray(batch.keys, np.int64)
-        seq_idx = np.asarray(batch.seq_idx, np.int64)
-        keys2d = rkeys[:, None] + np.arange(T, dtype=np.int64)
+        T = ids.shape[1]
         if lengths.max(initial=0) >= 1 << scan.LOC_BITS:
             raise ValueError(f"sequences longer than {1 << scan.LOC_BITS} tokens")
-        hashes = scan.to_signed(scan.sample_hash(keys2d, self.cfg.seed))
-        tslot = np.where(ids < len(self.tmap), self.tmap[np.minimum(ids, len(self.tmap) - 1)], -1)
-        scored = (np.arange(T)[None, :] >= first) & (np.arange(T)[None, :] < lengths[:, None])
-        ts = tslot[scored]
-        self.tcount += np.bincount(ts[ts >= 0], minlength=len(self.tracked))
+        # the scored tokens in (row, position) order, and what each kernel needs of them
+        r, p = np.nonzero((np.arange(T)[None, :] >= first) & (np.arange(T)[None, :] < lengths[:, None]))
+        if len(r) == 0:
+            return
+        seq_idx = np.asarray(batch.seq_idx, np.int64)
+        key = np.asarray(batch.keys, np.int64)[r] + p
+        tok = ids[r, p]
+        tt = np.where(tok < len(self.tmap), self.tmap[np.minimum(tok, len(self.tmap) - 1)], -1)
+        self.tcount += np.bincount(tt[tt >= 0], minlength=len(self.tracked))
+        tok_batch = _TokenBatch(
+            lengths=lengths, seq_idx=seq_idx, r=r, p=p, key=key,
+            hash=scan.to_signed(scan.sample_hash(key, self.cfg.seed)), loc=(seq_idx[r] << scan.LOC_BITS) | p, tt=tt,
+        )
         if self.backend == "torch":
-            self._update_torch(cap, lengths, first, rkeys, hashes, tslot, seq_idx, n_b)
+            self._update_torch(cap, tok_batch)
         else:
-            self._update_numba(cap, lengths, first, rkeys, hashes, tslot, seq_idx, n_b)
-        self.n += n_b
+            self._update_numba(cap, tok_batch)
+        self.n += len(r)
 
-    def _update_numba(self, cap, lengths, first, rkeys, hashes, tslot, seq_idx, n_b) -> None:
+    def _update_numba(self, cap: Captured, tb: "_TokenBatch") -> None:
         self._sync()
         cb, ca = self.cfg.ctx_before, self.cfg.ctx_after
+        tord = np.argsort(tb.tt, kind="stable")
+        tord = tord[tb.tt[tord] >= 0]
+        tids, tstart = np.unique(tb.tt[tord], return_index=True)
+        tstart = np.append(tstart, len(tord)).astype(np.int64)
+        hord = np.argsort(tb.hash)
+        hsorted = tb.hash[hord]
         tasks = []
         width = max(1, -(-self.d // self.threads))
         for layer in self.layers:
-            x = cap.mlp[layer].detach()
-            A = x.to("cpu", torch.float32).contiguous().numpy()
+            A = cap.mlp[layer].detach().to("cpu", torch.float32).contiguous().numpy()
             st = self.state[layer]
             for i0 in range(0, self.d, width):
                 tasks.append((A, st, i0, min(self.d, i0 + width)))
 
         def one(t):
             A, st, i0, i1 = t
-            return scan.update_block(A, lengths, first, rkeys, hashes, tslot, seq_idx, i0, i1, self.n, n_b,
-                                     st.lo, st.hi, st.ex, st.mean, st.m2, st.npos, st.bins, st.rh, st.ra, st.rloc,
-                                     *st.top_arrays(), st.tsum, self.m_cand, cb, ca, TILE)
+            return scan.update_block(A, tb.r, tb.p, tb.key, tb.hash, tb.loc, hord, hsorted, tord, tids, tstart,
+                                     tb.seq_idx, tb.lengths, i0, i1, self.n, st.lo, st.hi, st.ex, st.mean, st.m2,
+                                     st.npos, st.bins, st.rh, st.ra, st.rloc, *st.top_arrays(), st.tsum, self.m_cand,
+                                     cb, ca, TILE)
 
         if len(tasks) == 1:
             status = [one(tasks[0])]
@@ -297,13 +322,12 @@ class NeuronsAccumulator:
         if any(status):
             raise ValueError("the model produced a non-finite neuron activation")
 
-    def _update_torch(self, cap, lengths, first, rkeys, hashes, tslot, seq_idx, n_b) -> None:
+    def _update_torch(self, cap: Captured, tb: "_TokenBatch") -> None:
         if self._dev is None:
-            dev = cap.mlp[self.layers[0]].device
-            self._dev = scan.torch_from_numpy(self.state, dev)
+            self._dev = scan.torch_from_numpy(self.state, cap.mlp[self.layers[0]].device)
         for layer in self.layers:
-            scan.torch_update(self._dev[layer], self.state[layer], cap.mlp[layer].detach(), lengths, first, rkeys,
-                              hashes, tslot, seq_idx, self.n, n_b, self.m_cand, self.cfg.ctx_before,
+            scan.torch_update(self._dev[layer], self.state[layer], cap.mlp[layer].detach(), tb.r, tb.p, tb.key, tb.hash,
+                              tb.loc, tb.tt, tb.seq_idx, tb.lengths, self.n, self.m_cand, self.cfg.ctx_before,
                               self.cfg.ctx_after)
 
     def merge(self, other: "NeuronsAccumulator") -> None:

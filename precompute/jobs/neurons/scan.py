@@ -1,19 +1,19 @@
 """The neuron job's per-batch update, merge and finish as compiled kernels (numba), and the same
 update in torch ops for a GPU (``torch_update``). Definitions are in ``job.py``'s docstring.
 
-One layer's state is a ``LayerState``: per-neuron arrays, contiguous per neuron. ``update_block``
-reads one batch's activations ``A [batch, pos, d_mlp]`` (as the hook hands them over, padding
-and BOS included) once, for the neurons ``i0:i1``, in tiles of ``tile`` neurons so that a tile's
-hot state (per fine bin its count and reservoir threshold, 4 KiB a neuron) stays in cache while
-every scored row streams past. Per row of a tile: one vectorised loop tests for the rare cases
-(a value outside the neuron's min..max, which may widen the bins, or a top-example candidate),
-one does the moments' shifted sums and the fine-bin slots (ring slot ``k mod 256``: the 256 bins
-of ``kmin..kmax`` never collide), one counts and tests the reservoir thresholds, one adds the
-per-token sums. The compiled code releases the GIL: neuron blocks run on Python threads.
+One layer's state is a ``LayerState`` of per-neuron arrays. ``update_block`` folds one batch
+into a block of neurons (blocks run on Python threads: the compiled code releases the GIL). It
+copies a tile of 16 neurons (one cache line of a row of ``A [batch, pos, d_mlp]``) neuron-major
+and then does each neuron alone, its state in cache: min/max (the bins widen at most once a
+batch), shifted sums for the moments, fine-bin slots and counts, the tokens under their bin's
+reservoir threshold (taken in hash order, then grouped by bin, so the reservoirs are visited
+in memory order and a bin takes its few new samples and rejects the rest), per-token sums
+grouped by token, and the top-example candidates. Fine bins live in a ring of 256 slots
+(``k mod 256``): the bins of ``kmin..kmax`` never collide.
 
 Sample hashes are kept as signed int64 in the same order as the unsigned hash (``h ^ 2^63``), so
 numba and torch compare them without unsigned arithmetic. A fine bin's reservoir holds its
-``S`` smallest hashes in no particular order, the largest being the bin's threshold.
+``S`` smallest hashes in no particular order; the largest is the bin's threshold.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class LayerState:
     tws: np.ndarray  # i32 [d, K] window start
     twl: np.ndarray  # i32 [d, K] window length
     twin: np.ndarray  # f32 [d, K, W] window activations
-    tsum: np.ndarray  # f64 [tracked tokens, d] per-token sums
+    tsum: np.ndarray  # f64 [d, tracked tokens] per-token sums
 
     @classmethod
     def empty(cls, d: int, S: int, K: int, W: int, n_track: int) -> "LayerState":
@@ -100,7 +100,7 @@ class LayerState:
             rloc=np.zeros((d, N_FINE, S), np.int64),
             tn=np.zeros(d, np.int64), tv=np.zeros((d, K), np.float32), tk=np.zeros((d, K), np.int64),
             tseq=np.zeros((d, K), np.int64), tpos=np.zeros((d, K), np.int32), tws=np.zeros((d, K), np.int32),
-            twl=np.zeros((d, K), np.int32), twin=np.zeros((d, K, W), np.float32), tsum=np.zeros((n_track, d)),
+            twl=np.zeros((d, K), np.int32), twin=np.zeros((d, K, W), np.float32), tsum=np.zeros((d, n_track)),
         )
 
     def hist_arrays(self):
@@ -391,9 +391,10 @@ def _gather(x, key, fv, fk, cv, ck, cj, M):
     """The tokens ahead of the floor (``fv[0]``, ``fk[0]``) into the candidate buffer (token
     index in ``cj``); a full buffer keeps its M best and raises the floor. Returns the count."""
     N = x.shape[0]
+    f = fv[0]
     ahead = 0
     for n in range(N):
-        ahead += np.float64(x[n]) >= fv[0]
+        ahead += np.float64(x[n]) >= f
     nc = 0
     if ahead:
         for n in range(N):
@@ -431,47 +432,36 @@ def _count_kept(cv, ck, cj, rr, pp, n, cb, need):
 
 
 @njit(cache=True, nogil=True)
-def update_block(A, lengths, first, rkeys, hashes, tslot, seq_idx, i0, i1, n_before, n_batch,
+def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq_idx, lengths, i0, i1, n_before,
                  lo, hi, ex, mean, m2, npos, bins, rh, ra, rloc,
                  tn, tv, tk, tseq, tpos, tws, twl, twin, tsum, M, cb, ca, tile):
-    """Fold one batch into neurons ``i0:i1`` of a layer's state. ``A`` [batch, pos, d] f32;
-    row r's scored positions are ``first..lengths[r]-1``; ``rkeys[r] + p`` is a token's global
-    key, ``hashes[r, p]`` its sample hash (signed order), ``tslot[r, p]`` its row in ``tsum``
-    (-1: untracked). ``n_before``/``n_batch``: scored tokens before / in this batch; ``M``:
-    candidates that hold a batch's K best kept ones.
+    """Fold one batch into neurons ``i0:i1`` of a layer's state. ``A`` [batch, pos, d] f32. The
+    batch's scored tokens, in (row, position) order: ``A[rr[n], pp[n]]``, with global key
+    ``key[n]``, sample hash ``hh[n]`` (signed order; ``hord`` sorts them, ``hsorted = hh[hord]``)
+    and place ``loc[n]``.
+    ``tord`` lists the tracked tokens grouped by their column in ``tsum`` [d, tracked]
+    (``tids[g]`` for ``tord[tstart[g]:tstart[g + 1]]``).
+    ``n_before``: scored tokens before this batch; ``M``: candidates that hold a batch's K best
+    kept ones.
 
-    A tile of ``tile`` neurons (one cache line of a row) is copied neuron-major (adding the
-    token sums on the way), then each neuron is done alone over the batch with its state in
-    cache: min/max (widening the bins at most once), moments, fine-bin slots and counts, the
-    tokens under their bin's reservoir threshold (branch-free), then those tokens into the
-    reservoirs, then the top candidates (ahead of its K-th kept example or, while it has fewer,
-    of a floor from the histogram). The result does not depend on the order of tokens within
-    the batch. Returns 1 when a value was not finite, else 0."""
-    B, T, d = A.shape
+    A tile of ``tile`` neurons (one cache line of a row) is copied neuron-major, then each neuron
+    is done alone over the batch with its state in cache: min/max (widening the bins at most
+    once), moments, fine-bin slots and counts, the tokens under their bin's reservoir threshold
+    (branch-free), then those tokens into the reservoirs, the per-token sums, then the top
+    candidates (ahead of its K-th kept example or, while it has fewer, of a floor from the
+    histogram). The result does not depend on the order of tokens within the batch. Returns 1
+    when a value was not finite, else 0."""
     K = tv.shape[1]
     S = rh.shape[2]
     C = 2 * M
-    N = n_batch
-    rr = np.empty(N, np.int64)
-    pp = np.empty(N, np.int64)
-    key = np.empty(N, np.int64)
-    hh = np.empty(N, np.int64)
-    tt = np.empty(N, np.int64)
-    loc = np.empty(N, np.int64)
-    n = 0
-    for r in range(B):
-        for p in range(first, lengths[r]):
-            rr[n] = r
-            pp[n] = p
-            key[n] = rkeys[r] + p
-            hh[n] = hashes[r, p]
-            tt[n] = tslot[r, p]
-            loc[n] = (seq_idx[r] << LOC_BITS) | p
-            n += 1
+    N = rr.shape[0]
     buf = np.empty((tile, N), np.float32)
-    slot = np.empty(N, np.int64)
-    under = np.empty(N, np.int64)
+    slot = np.empty(N, np.uint8)
+    under = np.empty(N, np.int32)
+    by_bin = np.empty(N, np.int32)
     fill = np.empty(N_FINE, np.int64)
+    thr = np.empty(N_FINE, np.int64)
+    cnt = np.zeros((2, N_FINE), np.int64)
     cv = np.empty(C, np.float64)
     ck = np.empty(C, np.int64)
     cj = np.empty(C, np.int64)
@@ -481,15 +471,11 @@ def update_block(A, lengths, first, rkeys, hashes, tslot, seq_idx, i0, i1, n_bef
     for t0 in range(i0, i1, tile):
         t1 = min(i1, t0 + tile)
         w = t1 - t0
-        for n in range(N):  # neuron-major copy of the tile, and the token sums
+        for n in range(N):  # neuron-major copy of the tile
             r = rr[n]
             p = pp[n]
             for q in range(w):
                 buf[q, n] = A[r, p, t0 + q]
-            t = tt[n]
-            if t >= 0:
-                for q in range(w):
-                    tsum[t, t0 + q] += np.float64(A[r, p, t0 + q])
         for q in range(w):
             i = t0 + q
             x = buf[q]
@@ -506,22 +492,30 @@ def update_block(A, lengths, first, rkeys, hashes, tslot, seq_idx, i0, i1, n_bef
                 return 1
             if mn < lo[i] or mx > hi[i]:
                 _grow_range(i, mn, mx, lo, hi, ex, bins, rh, ra, rloc)
-            # moments: 8 partial shifted sums in a fixed order, so the loop vectorises
+            # moments (8 partial shifted sums in a fixed order, so the loop vectorises), and the
+            # fine-bin slots (k mod N_FINE, exact in float64)
             shift = mean[i] if n_before > 0 else np.float64(x[0])
+            inv = math.ldexp(1.0, -ex[i])
             part[:] = 0.0
             npos_b = 0
             n8 = N - N % 8
             for n in range(0, n8, 8):
                 for u in range(8):
-                    xd = np.float64(x[n + u]) - shift
+                    x64 = np.float64(x[n + u])
+                    xd = x64 - shift
                     part[0, u] += xd
                     part[1, u] += xd * xd
+                    npos_b += x64 > 0
+                    kf = math.floor(x64 * inv)
+                    slot[n + u] = np.uint8(kf - N_FINE * math.floor(kf * (1.0 / N_FINE)))
             for n in range(n8, N):
-                xd = np.float64(x[n]) - shift
+                x64 = np.float64(x[n])
+                xd = x64 - shift
                 part[0, 0] += xd
                 part[1, 0] += xd * xd
-            for n in range(N):
-                npos_b += x[n] > 0
+                npos_b += x64 > 0
+                kf = math.floor(x64 * inv)
+                slot[n] = np.uint8(kf - N_FINE * math.floor(kf * (1.0 / N_FINE)))
             s1 = 0.0
             s2 = 0.0
             for u in range(8):
@@ -538,24 +532,62 @@ def update_block(A, lengths, first, rkeys, hashes, tslot, seq_idx, i0, i1, n_bef
                 delta = mb - mean[i]
                 mean[i] += delta * N / nt
                 m2[i] += m2b + delta * delta * (n_before * (N / nt))
-            # fine-bin slots (k mod N_FINE, exact in float64) and counts; the tokens under their
-            # bin's threshold as it was before this batch (a superset of those that enter)
-            inv = math.ldexp(1.0, -ex[i])
-            for n in range(N):
-                kf = math.floor(np.float64(x[n]) * inv)
-                slot[n] = np.int64(kf - N_FINE * math.floor(kf * (1.0 / N_FINE)))
+            # counts, and the tokens under their bin's threshold as it was before this batch (a
+            # superset of those that enter)
             for sl in range(N_FINE):
                 fill[sl] = min(bins[i, sl, 0], S)
+                thr[sl] = bins[i, sl, 1]
+                cnt[0, sl] = 0
+                cnt[1, sl] = 0
             m = 0
-            for n in range(N):
+            for u in range(N):  # in hash order, so a bin's reservoir takes few and rejects the rest
+                n = hord[u]
                 sl = slot[n]
-                bins[i, sl, 0] += 1
+                cnt[u & 1, sl] += 1
                 under[m] = n
-                m += hh[n] <= bins[i, sl, 1]
-            for u in range(m):  # in token order: the reservoirs keep the S smallest hashes
+                m += hsorted[u] <= thr[sl]
+            for sl in range(N_FINE):
+                bins[i, sl, 0] += cnt[0, sl] + cnt[1, sl]
+                cnt[0, sl] = 0
+            # the reservoirs keep the S smallest hashes: offered bin by bin (their memory in order),
+            # each bin's tokens in hash order (a stable counting sort of the list)
+            for u in range(m):
+                cnt[0, slot[under[u]]] += 1
+            at = 0
+            for sl in range(N_FINE):
+                c = cnt[0, sl]
+                cnt[0, sl] = at
+                at += c
+            for u in range(m):
                 n = under[u]
                 sl = slot[n]
-                fill[sl] = _push(bins, rh, ra, rloc, i, sl, fill[sl], hh[n], x[n], loc[n])
+                by_bin[cnt[0, sl]] = n
+                cnt[0, sl] += 1
+            for u in range(m):
+                n = by_bin[u]
+                sl = slot[n]
+                if hh[n] <= thr[sl]:
+                    fill[sl] = _push(bins, rh, ra, rloc, i, sl, fill[sl], hh[n], x[n], loc[n])
+                    thr[sl] = bins[i, sl, 1]
+            # per-token sums, a token's occurrences added together
+            trow = tsum[i]
+            for g in range(tids.shape[0]):
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                u = tstart[g]
+                end = tstart[g + 1]
+                while u + 4 <= end:  # four chains in a fixed order
+                    a0 += np.float64(x[tord[u]])
+                    a1 += np.float64(x[tord[u + 1]])
+                    a2 += np.float64(x[tord[u + 2]])
+                    a3 += np.float64(x[tord[u + 3]])
+                    u += 4
+                while u < end:
+                    a0 += np.float64(x[tord[u]])
+                    u += 1
+                trow[tids[g]] += (a0 + a1) + (a2 + a3)
             # top candidates: ahead of the K-th kept example; while there are fewer, ahead of a
             # floor from the histogram, lowered until K kept ones are certainly above it
             if tn[i] == K:
@@ -730,7 +762,7 @@ def finish_hist(lo, hi, ex, bins, rh, ra, rloc, n_bins):
 def top_tokens(tsum, tcount, min_count, n_top):
     """Per neuron the ``n_top`` tracked rows with the highest mean (``tsum / tcount``, rows seen
     at least ``min_count`` times), ties to the smaller row (rows are in token-id order)."""
-    n_tok, d = tsum.shape
+    d, n_tok = tsum.shape
     ids = np.full((d, n_top), -1, np.int64)
     means = np.zeros((d, n_top), np.float64)
     ok = np.zeros(n_tok, np.bool_)
@@ -741,7 +773,7 @@ def top_tokens(tsum, tcount, min_count, n_top):
         for t in range(n_tok):
             if not ok[t]:
                 continue
-            mt = tsum[t, i] / tcount[t]
+            mt = tsum[i, t] / tcount[t]
             if k == n_top and not mt > means[i, n_top - 1]:
                 continue
             p = k if k < n_top else n_top - 1
@@ -766,7 +798,7 @@ def contexts(useq, flat, base, lens, seq, pos, before, after):
     width = before + after + 1
     at = np.empty(n, np.int16)
     n_ctx = np.empty(n, np.int16)
-    ctx = np.full((n, width), -1, np.int32)
+    ctx = np.empty((n, width), np.int32)
     for m in range(n):
         u = np.searchsorted(useq, seq[m])
         st = max(0, pos[m] - before)
@@ -775,6 +807,8 @@ def contexts(useq, flat, base, lens, seq, pos, before, after):
         n_ctx[m] = en - st
         for t in range(st, en):
             ctx[m, t - st] = flat[base[u] + t]
+        for t in range(en - st, width):
+            ctx[m, t] = -1
     return at, n_ctx, ctx
 
 
@@ -795,8 +829,8 @@ def select_top_all(off, cand_v, cand_k, cand_r, cand_p, cb, ca, tn, tv, tk, tseq
         a, b = off[i], off[i + 1]
         if a == b:
             continue
-        filled, nk = select_top(i, cand_v[a:b], cand_k[a:b], cand_r[a:b], cand_p[a:b], b - a, cb, tn, tv, tk, tseq, tpos,
-                                tws, twl, twin, seq_idx, lengths, ca, dummy, False)
+        filled, nk = select_top(i, cand_v[a:b], cand_k[a:b], cand_r[a:b], cand_p[a:b], b - a, cb, tn, tv, tk, tseq,
+                                tpos, tws, twl, twin, seq_idx, lengths, ca, dummy, False)
         for f in range(nk):
             out_i[m] = i
             out_j[m] = filled[f]
@@ -900,23 +934,23 @@ def _t_regrid(torch, t, idx, e_new, S):
     t["rloc"][idx] = rl.view(U, N_FINE, S)
 
 
-def torch_update(t: dict, st: LayerState, x, lengths, first, rkeys, hashes, tslot, seq_idx, n_before, n_b, M, cb, ca):
+def torch_update(t: dict, st: LayerState, x, r_np, p_np, key, hashes, loc, tt, seq_idx, lengths, n_before, M, cb, ca):
     """``update_block`` for a whole layer in torch ops: ``t`` the layer's device tensors, ``st``
-    its numpy state (the top lists live there), ``x`` [batch, pos, d] on the device, ``hashes``
-    in signed order."""
+    its numpy state (the top lists live there), ``x`` [batch, pos, d] on the device; the
+    batch's scored tokens as for ``update_block``."""
     import torch
 
     dev = x.device
     B, T, d = x.shape
     S = st.rh.shape[2]
-    r_np, p_np = np.nonzero((np.arange(T)[None, :] >= first) & (np.arange(T)[None, :] < lengths[:, None]))
-    X = x.reshape(B * T, d).index_select(0, torch.from_numpy(r_np * T + p_np).to(dev)).float()  # [N, d], (row, pos) order
+    n_b = len(r_np)
+    X = x.reshape(B * T, d).index_select(0, torch.from_numpy(r_np * T + p_np).to(dev)).float()  # [N, d]
     if not bool(torch.isfinite(X).all()):
         raise ValueError("the model produced a non-finite neuron activation")
-    keys = torch.from_numpy(rkeys[r_np] + p_np).to(dev)
-    h = torch.from_numpy(hashes[r_np, p_np]).to(dev)
-    loc = torch.from_numpy((seq_idx[r_np] << LOC_BITS) | p_np).to(dev)
-    ts = torch.from_numpy(tslot[r_np, p_np]).to(dev)
+    keys = torch.from_numpy(key).to(dev)
+    h = torch.from_numpy(hashes).to(dev)
+    loc = torch.from_numpy(loc).to(dev)
+    ts = torch.from_numpy(tt).to(dev)
     neuron = torch.arange(d, device=dev)
 
     # range: widen the bins of neurons whose new min..max no longer fits
@@ -964,12 +998,13 @@ def torch_update(t: dict, st: LayerState, x, lengths, first, rkeys, hashes, tslo
                               as_tuple=True)
         rh, ra, rl = t["rh"].view(-1, S), t["ra"].view(-1, S), t["rloc"].view(-1, S)
         old = groups[gi]
-        _t_write_reservoirs(torch, rh, ra, rl, t["bins"], groups, torch.cat([old, g_new]), torch.cat([rh[old, j], h[tok]]),
-                            torch.cat([ra[old, j], X[tok, nrn]]), torch.cat([rl[old, j], loc[tok]]), S)
+        _t_write_reservoirs(torch, rh, ra, rl, t["bins"], groups, torch.cat([old, g_new]),
+                            torch.cat([rh[old, j], h[tok]]), torch.cat([ra[old, j], X[tok, nrn]]),
+                            torch.cat([rl[old, j], loc[tok]]), S)
 
     # per-token sums
     tracked = ts >= 0
-    t["tsum"].index_add_(0, ts[tracked], X[tracked].double())
+    t["tsum"].index_add_(1, ts[tracked], X[tracked].double().T)
 
     # top candidates: tokens ahead of each neuron's K-th kept example, at most M per neuron
     K = st.tv.shape[1]
@@ -990,7 +1025,8 @@ def torch_update(t: dict, st: LayerState, x, lengths, first, rkeys, hashes, tslo
     nrn, tok, v, kk = (a[keep].cpu().numpy() for a in (nrn, tok, v, kk))
     off = np.concatenate([[0], np.cumsum(np.bincount(nrn, minlength=d))]).astype(np.int64)
     ins_i, ins_j, ins_r = select_top_all(off, v.astype(np.float64), kk, r_np[tok], p_np[tok].astype(np.int64), cb, ca,
-                                         st.tn, st.tv, st.tk, st.tseq, st.tpos, st.tws, st.twl, st.twin, seq_idx, lengths)
+                                         st.tn, st.tv, st.tk, st.tseq, st.tpos, st.tws, st.twl, st.twin, seq_idx,
+                                         lengths)
     if len(ins_i):  # the windows of the new entries, from the device
         W = st.twin.shape[2]
         ws = st.tws[ins_i, ins_j].astype(np.int64)
