@@ -107,7 +107,9 @@ def cmd_run(args) -> int:
     from .runs import PLACE_OPTIONS, RunSetup, execute, find_sweep
     from .sequences import shards
     from .store.db import check_writable, open_store, shown_url
+    from .sweep import return_freed_memory
 
+    return_freed_memory()
     store = None
     run_ids: dict = {}
     if args.resume is not None:

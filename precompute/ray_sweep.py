@@ -4,7 +4,10 @@ Each worker is a Ray actor that loads the model once and sweeps the shards it is
 accumulators, returning them; the driver (``runs.execute``) merges them in shard order, writes
 per-token output and checkpoints, exactly as for a local sweep. So 1 worker and N workers give
 the same result. At most ``2 x workers`` shards are in flight, so the driver's memory stays
-bounded. Ray is an optional extra (``pip install 'tinyscope[ray]'``); nothing imports it unless
+bounded. Each worker uses as many torch threads as the driver (``TINYSCOPE_WORKER_THREADS``
+overrides): torch splits float64 reductions by thread, so equal thread counts keep results
+bit-identical to a one-process run; other counts differ in the last bits of means and head
+scores only. Ray is an optional extra (``pip install 'tinyscope[ray]'``); nothing imports it unless
 one of those options is given.
 """
 
@@ -24,7 +27,9 @@ class SweepWorker:
         import torch
 
         from .models import load_model
+        from .sweep import return_freed_memory
 
+        return_freed_memory()
         torch.set_num_threads(max(1, threads))
         self.lm = load_model(model_id, device=device)
         self.batch_size = batch_size
@@ -50,6 +55,8 @@ def ray_sweep(args, names: list[str]):
         raise ValueError(f"--workers {n} is more than this machine can run; use --ray-address for a cluster")
 
     def go(shards: Iterator[Sequences], jobs: list, bar) -> Iterator[tuple[Sequences, list]]:
+        import torch
+
         started = False
         if not ray.is_initialized():
             if args.ray_address:
@@ -59,7 +66,9 @@ def ray_sweep(args, names: list[str]):
                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
             started = True
         try:
-            threads = max(1, (os.cpu_count() or 1) // n) if not args.ray_address else int(os.environ.get("TINYSCOPE_WORKER_THREADS", "1"))
+            # float64 sums inside torch reductions split by thread: the same thread count as
+            # this process keeps every result bit-identical to a one-process run
+            threads = int(os.environ.get("TINYSCOPE_WORKER_THREADS") or torch.get_num_threads())
             opts = {"num_gpus": 1} if args.device == "cuda" else {"num_cpus": 1}
             Worker = ray.remote(**opts)(SweepWorker)
             workers = [Worker.remote(str(args.model), args.device, args.batch_size, threads) for _ in range(n)]

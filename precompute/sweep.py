@@ -92,6 +92,19 @@ class JobSpec:
     prepare: Callable[[LoadedModel, Any, Sequences], Any] | None = None  # (lm, cfg, first shard) -> cfg, before any accumulator
 
 
+def return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the system at once. By default it raises its
+    mmap threshold after each large free, so a sweep's per-batch buffers (attention patterns,
+    activations) end up on the heap and the process keeps growing for many shards; a fixed 1 MB
+    threshold keeps peak memory flat (measured: 1.23 -> 0.75 GB for heads + embeddings)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 @torch.inference_mode()
 def capture(lm: LoadedModel, ids: torch.Tensor, needs: Needs) -> Captured:
     """Run the model once on ``ids`` [batch, pos] and capture what ``needs`` asks for. When only

@@ -171,3 +171,11 @@ def count_sequences(s: Session, run_id: int) -> int:
     from sqlalchemy import func
 
     return int(s.scalar(select(func.count()).select_from(SequenceRow).where(SequenceRow.run_id == run_id)) or 0)
+
+
+def sequence_stories(s: Session, run_id: int, seq_idxs) -> dict[int, int]:
+    """Story id of the given sequences of a run (sequences not stored are left out)."""
+    seq_idxs = sorted({int(i) for i in seq_idxs})
+    q = select(SequenceRow.seq_idx, SequenceRow.story_id).where(
+        SequenceRow.run_id == run_id, SequenceRow.seq_idx.in_(seq_idxs or [-1]))
+    return dict(s.execute(q).all())

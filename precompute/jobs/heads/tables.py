@@ -14,7 +14,7 @@ from sqlalchemy import Float, ForeignKey, Index, Integer, LargeBinary, String, U
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from ...store.base import Base, from_blob, to_blob
-from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_tokens, vocab
+from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_stories, sequence_tokens, vocab
 
 
 class HeadStatsRow(Base):
@@ -226,15 +226,7 @@ def head_page(s: Session, model: str, layer: int, head: int, run_id: int | None 
         .order_by(HeadExampleRow.rank)
     ).all()
     toks = sequence_tokens(s, run.id, {e.seq_idx for e in ex_rows})
-    from ...store.tables import SequenceRow
-
-    story = dict(
-        s.execute(
-            select(SequenceRow.seq_idx, SequenceRow.story_id).where(
-                SequenceRow.run_id == run.id, SequenceRow.seq_idx.in_([e.seq_idx for e in ex_rows] or [-1])
-            )
-        ).all()
-    )
+    story = sequence_stories(s, run.id, [e.seq_idx for e in ex_rows])
     examples = []
     for e in ex_rows:
         n = e.n_tokens

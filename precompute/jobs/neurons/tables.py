@@ -9,7 +9,7 @@ from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, Uni
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from ...store.base import Base, from_blob, to_blob
-from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_tokens, vocab
+from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_stories, sequence_tokens, vocab
 
 # A spectrum sample: where in the corpus, the activation there, its histogram bar, and its
 # context (``ctx[:n_ctx]``: up to 12 tokens before and 3 after, clipped to the sequence, BOS
@@ -208,15 +208,7 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
     ).all()
     samples = from_blob(row.spectrum, SAMPLE_DTYPE)
     toks = sequence_tokens(s, run.id, {e.seq_idx for e in ex_rows})
-    from ...store.tables import SequenceRow
-
-    story = dict(
-        s.execute(
-            select(SequenceRow.seq_idx, SequenceRow.story_id).where(
-                SequenceRow.run_id == run.id, SequenceRow.seq_idx.in_([e.seq_idx for e in ex_rows] or [-1])
-            )
-        ).all()
-    )
+    story = sequence_stories(s, run.id, [e.seq_idx for e in ex_rows])
     examples = []
     for e in ex_rows:
         acts = from_blob(e.acts, np.float32)
