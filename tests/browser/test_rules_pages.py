@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from conftest import MODEL
 
@@ -25,7 +26,7 @@ def test_rules_overview(app, browser_db):
     content = page.content()
     assert f"{100 * ov.agreement:.1f}%" in content and f"{100 * ov.model_top1:.1f}%" in content
     assert "do not explain" in content
-    assert page.locator(".vega-embed").count() == 3
+    expect(page.locator(".vega-embed")).to_have_count(3)
     app.screenshot("rules_overview")
 
 
@@ -34,18 +35,18 @@ def test_story_view_selects_a_token(app, browser_db):
     m = next(x for x in st_.matches[8:] if x.optimal is not None and "+" in x.optimal.template and x.support > 1)
     app.open(f"/story?model={MODEL}&story=1&pos={m.pos}", ".rule")
     page = app.page
+    expect(page.locator(".vega-embed")).to_have_count(2)  # both charts have rendered
     content = page.content()
     # every token of the stored sequence is shown, the selected one outlined
-    assert page.locator(".tokens .tok").count() == len(st_.tokens)
-    assert page.locator(".tokens .tok-max").count() == 1
+    expect(page.locator(".tokens .tok")).to_have_count(len(st_.tokens))
+    expect(page.locator(".tokens .tok-max")).to_have_count(1)
     assert f"Optimal rule <code>{m.optimal.template}</code>" in content or m.optimal.template in page.inner_text("body")
     assert f"support <strong>{m.support:,}</strong>" in content
-    kept = page.locator(".rule .rule-kept").count()
-    assert kept == m.optimal.template.count("+")
-    assert page.locator(".rule del.rule-dropped").count() == m.optimal.template.count("-")
+    expect(page.locator(".rule .rule-kept")).to_have_count(m.optimal.template.count("+"))
+    expect(page.locator(".rule del.rule-dropped")).to_have_count(m.optimal.template.count("-"))
     # side-by-side bars: model and rule
-    assert page.locator(".vega-embed").count() == 2
-    assert page.locator('[data-testid="stDataFrame"]').count() == 1
+    expect(page.locator(".vega-embed")).to_have_count(2)
+    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
     app.screenshot("rules_story")
 
     # pick another token from the selector: URL and details follow
@@ -54,15 +55,15 @@ def test_story_view_selects_a_token(app, browser_db):
     page.keyboard.type(f"{other.pos}:")
     page.keyboard.press("Enter")
     app.wait(f'h3:has-text("position {other.pos}")')
-    assert f"pos={other.pos}" in page.url
-    assert f"support <strong>{other.support:,}</strong>" in page.content()
+    page.wait_for_url(f"**pos={other.pos}**")
+    expect(page.locator("body")).to_contain_text(f"support {other.support:,}")
 
 
 def test_story_view_live_prompt(app, browser_db):
     app.open(f"/story?model={MODEL}&prompt=Once%20upon%20a%20time%2C%20there%20was%20a%20little%20girl.", ".rule")
     page = app.page
     assert page.locator(".tokens .tok").count() >= 10
-    assert page.locator(".vega-embed").count() == 2
+    expect(page.locator(".vega-embed")).to_have_count(2)
     app.screenshot("rules_live")
 
 
