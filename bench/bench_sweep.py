@@ -31,23 +31,16 @@ import time
 from pathlib import Path
 
 import torch
+from bench_neurons import bare_forward
 from common import ROOT, SHARED, available_models, need_corpus
 
 from precompute.corpus import read_text_corpus
 from precompute.models import load_model
-from precompute.sequences import batches, tokenize
+from precompute.sequences import tokenize
 from precompute.sweep import SeqsLookup, sweep_shard
 
 TRAIN = SHARED / "corpora" / "tinystories" / "train-5511-lowercase.txt"
 BUNDLED = ROOT / "data" / "models" / "tinystories-4l"
-
-
-def bare_forward(lm, seqs, batch_size: int) -> float:
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for b in batches(seqs, batch_size):
-            lm.model(input_ids=b.ids)
-    return time.perf_counter() - t
 
 
 def sweep_time(lm, seqs, jobs: list[str], batch_size: int) -> float:

@@ -208,14 +208,7 @@ def _grow(i, x, lo, hi, ex, bins, rh, ra, rloc):
     longer fits. False when ``x`` is not finite."""
     if not np.isfinite(x):
         return False
-    nlo = min(lo[i], x)
-    nhi = max(hi[i], x)
-    e = fit_exponent(nlo, nhi, ex[i])
-    if e != ex[i] and lo[i] <= hi[i]:
-        _regrid(i, ex[i], e, lo[i], bins, rh, ra, rloc)
-    ex[i] = e
-    lo[i] = nlo
-    hi[i] = nhi
+    _grow_range(i, x, x, lo, hi, ex, bins, rh, ra, rloc)
     return True
 
 
