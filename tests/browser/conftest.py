@@ -203,6 +203,19 @@ def open_page(page, app_url: str, path_and_query: str, selector: str | None = No
     wait_for_streamlit(page, selector)
 
 
+def expect(target):
+    """Playwright's ``expect``: assertions that retry until they hold (or time out), so a check never
+    races a render. Imported here so test modules load (and skip) without playwright."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(target)
+
+
+def at_least(locator, n: int) -> None:
+    """Wait until ``locator`` matches at least ``n`` elements."""
+    locator.nth(n - 1).wait_for(state="attached")
+
+
 class AppDriver:
     """One browser tab on the running app: ``app.open("/neuron?...", selector)``, ``app.wait(selector)``,
     ``app.screenshot(name)``; ``app.page`` is the Playwright page for everything else."""

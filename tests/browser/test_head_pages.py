@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import MODEL, STORIES260K
+from conftest import MODEL, STORIES260K, at_least, expect
 
 pytestmark = pytest.mark.browser
 
@@ -26,11 +26,11 @@ def test_heads_overview_heatmap_opens_a_head(app, browser_db):
     app.open(f"/heads?model={MODEL}", ".vega-embed")
     page = app.page
     page.wait_for_selector(".vega-embed canvas, .vega-embed svg", state="visible")
-    assert page.get_by_text(f"{MODEL} · attention heads").first.is_visible()
+    expect(page.get_by_text(f"{MODEL} · attention heads").first).to_be_visible()
     n = {k: sum(1 for h in ov.heads if h.label == k) for k in ("distance", "mixed", "semantic")}
     assert f"{n['distance']} distance heads" in page.content()
     assert f"{n['semantic']} semantic heads" in page.content()
-    assert page.locator('[data-testid="stDataFrame"]').count() == 1
+    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
     app.screenshot("heads_overview")
 
     # another score: the URL keeps it
@@ -59,13 +59,13 @@ def test_head_page_profile_examples_and_live_prompt(app, browser_db):
     app.open(f"/head?model={MODEL}&layer=1&head=3", ".vega-embed")
     page = app.page
     page.wait_for_selector(".vega-embed canvas, .vega-embed svg", state="visible")
-    assert page.get_by_text(f"{MODEL} · L1 H3").first.is_visible()
+    expect(page.get_by_text(f"{MODEL} · L1 H3").first).to_be_visible()
     text = page.content()
     assert f"{s.label} head" in text
     for v in (s.prev_token, s.first_token, s.induction, s.distance_r2, s.entropy):
         assert f"{v:.3f}" in text
     assert "Mean attention weight on the previous token" in text  # definitions are shown
-    assert page.locator(".vega-embed").count() >= 2  # profile + the first example pattern
+    at_least(page.locator(".vega-embed"), 2)  # profile + the first example pattern
     # log-x: the URL records it
     page.get_by_text("log distance axis").click()
     app.wait()
@@ -80,15 +80,15 @@ def test_head_page_profile_examples_and_live_prompt(app, browser_db):
     toks = page.locator("div.live-attn span.tok")
     lm = load_model(str(STORIES260K))
     ids = lm.encode(PROMPT)
-    assert toks.count() == len(ids)
-    assert page.locator("div.live-attn span.tok-special").first.inner_text() == "<s>"
+    expect(toks).to_have_count(len(ids))
+    expect(page.locator("div.live-attn span.tok-special").first).to_have_text("<s>")
     # the default query is the last token; its weights match the model's pattern
     pat = head_pattern(lm, ids, 1, 3)
     q = len(ids) - 1
     top = int(pat[q].argmax())
-    assert f"puts its largest weight, {pat[q, top]:.3f}, on position {top}" in page.inner_text("body").replace("*", "")
+    expect(page.locator("body")).to_contain_text(f"puts its largest weight, {pat[q, top]:.3f}, on position {top}")
     assert f"weight {pat[q, 0]:.3f}" in toks.nth(0).get_attribute("title")
-    assert page.locator(".vega-embed").count() >= 3  # + the live heatmap
+    at_least(page.locator(".vega-embed"), 3)  # + the live heatmap
     app.screenshot("head_page_live")
 
     # pick another query token: the highlighting moves there
@@ -104,8 +104,8 @@ def test_head_page_profile_examples_and_live_prompt(app, browser_db):
 def test_out_of_range_head_says_so(app):
     app.open(f"/head?model={MODEL}&layer=1&head=8", '[data-testid="stAlert"]')
     page = app.page
-    assert "head=8 is out of range (0-7)" in page.locator('[data-testid="stAlert"]').first.inner_text()
+    expect(page.locator('[data-testid="stAlert"]').first).to_contain_text("head=8 is out of range (0-7)")
     assert "Traceback" not in page.content()
     app.screenshot("head_out_of_range")
     app.open(f"/head?model={MODEL}&layer=9&head=0", '[data-testid="stAlert"]')
-    assert "layer=9 is out of range (0-4)" in page.locator('[data-testid="stAlert"]').first.inner_text()
+    expect(page.locator('[data-testid="stAlert"]').first).to_contain_text("layer=9 is out of range (0-4)")

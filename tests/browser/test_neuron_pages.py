@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import MODEL
+from conftest import MODEL, at_least, expect
 
 pytestmark = pytest.mark.browser
 
@@ -22,19 +22,19 @@ def test_neuron_page_examples_spectrum_and_live(app, browser_db):
 
     app.open(NEURON, "div.example")
     page = app.page
-    assert page.get_by_text(f"{MODEL} · L1 N7").first.is_visible()
+    expect(page.get_by_text(f"{MODEL} · L1 N7").first).to_be_visible()
     # the examples: one block per example on the first page, the max token outlined
     examples = page.locator("div.example")
-    assert examples.count() == min(5, len(expected.examples))
+    expect(examples).to_have_count(min(5, len(expected.examples)))
     first = examples.first
-    assert f"{expected.examples[0].act:.3f}" in first.inner_text()
+    expect(first).to_contain_text(f"{expected.examples[0].act:.3f}")
     max_tok = first.locator("span.tok-max")
-    assert max_tok.count() == 1
+    expect(max_tok).to_have_count(1)
     assert f"{expected.examples[0].act:+.3f}" in max_tok.get_attribute("title")  # hover shows the value
     # the spectrum chart (vega-embed draws it)
     page.wait_for_selector(".vega-embed canvas, .vega-embed svg", state="visible")
-    assert page.locator(".vega-embed").count() >= 2  # spectrum + logit effects
-    assert page.locator("div.sample").count() >= 1  # the top bin's sampled tokens
+    at_least(page.locator(".vega-embed"), 2)  # spectrum + logit effects
+    at_least(page.locator("div.sample"), 1)  # the top bin's sampled tokens
     app.screenshot("neuron_page")
 
     # a hypothesis: the share of the top bins appears as a number
@@ -51,8 +51,8 @@ def test_neuron_page_examples_spectrum_and_live(app, browser_db):
     page.get_by_role("button", name="Run").click()
     app.wait("div.live span.tok-max")
     live = page.locator("div.live span.tok")
-    assert live.count() > 10
-    assert page.locator("div.live span.tok-special").first.inner_text() == "<s>"  # BOS shown visibly
+    at_least(live, 11)
+    expect(page.locator("div.live span.tok-special").first).to_have_text("<s>")  # BOS shown visibly
     assert "Max activation" in page.content()
     assert "prompt=" in page.url
     app.screenshot("neuron_page_live")
@@ -70,18 +70,18 @@ def test_copied_link_reopens_the_same_view(app):
 def test_out_of_range_link_says_so(app):
     app.open(f"/neuron?model={MODEL}&layer=99&neuron=0", '[data-testid="stAlert"]')
     page = app.page
-    assert "layer=99 is out of range (0-4)" in page.locator('[data-testid="stAlert"]').first.inner_text()
-    assert page.get_by_text("Go to the model overview").is_visible()
+    expect(page.locator('[data-testid="stAlert"]').first).to_contain_text("layer=99 is out of range (0-4)")
+    expect(page.get_by_text("Go to the model overview")).to_be_visible()
     assert "Traceback" not in page.content()
     app.screenshot("neuron_out_of_range")
     app.open("/neuron?model=no-such-model&layer=0&neuron=0", '[data-testid="stAlert"]')
-    assert "not in this database" in page.locator('[data-testid="stAlert"]').first.inner_text()
+    expect(page.locator('[data-testid="stAlert"]').first).to_contain_text("not in this database")
 
 
 def test_overview_search_and_open_neuron(app):
     app.open("/", '[data-testid="stDataFrame"]')
     page = app.page
-    assert page.locator(".vega-embed").count() >= 1  # layer x neuron chart
+    at_least(page.locator(".vega-embed"), 1)  # layer x neuron chart
     app.screenshot("overview")
     app.open("/?q=the", "text=among their top tokens")
     app.screenshot("overview_search")

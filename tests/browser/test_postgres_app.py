@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import BROWSER_JOBS, BROWSER_RUN_ARGS, MODEL, STORIES260K, VALID, AppDriver, start_app, stop_app
+from conftest import AppDriver, BROWSER_JOBS, BROWSER_RUN_ARGS, MODEL, STORIES260K, VALID, expect, start_app, stop_app
 
 pytestmark = pytest.mark.browser
 
@@ -45,10 +45,10 @@ def test_neuron_page_served_from_postgres(page, pg_app_url, pg_browser_db):
 
     app = AppDriver(page, pg_app_url)
     app.open(f"/neuron?model={MODEL}&layer={LAYER}&neuron={NEURON}", "div.example")
-    assert page.get_by_text(f"{MODEL} · L{LAYER} N{NEURON}").first.is_visible()
+    expect(page.get_by_text(f"{MODEL} · L{LAYER} N{NEURON}").first).to_be_visible()
     metric = page.locator('[data-testid="stMetric"]').filter(
         has=page.locator('[data-testid="stMetricLabel"]', has_text=re.compile(r"^\s*max\s*$"))
     )
-    assert metric.locator('[data-testid="stMetricValue"]').inner_text().strip() == f"{expected.stats.max:.3f}"
-    assert f"{expected.examples[0].act:.3f}" in page.locator("div.example").first.inner_text()
+    expect(metric.locator('[data-testid="stMetricValue"]')).to_have_text(f"{expected.stats.max:.3f}")
+    expect(page.locator("div.example").first).to_contain_text(f"{expected.examples[0].act:.3f}")
     app.screenshot("neuron_page_postgres")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import expect
-
-from conftest import MODEL
+from conftest import MODEL, at_least, expect
 
 pytestmark = pytest.mark.browser
 
@@ -62,7 +60,7 @@ def test_story_view_selects_a_token(app, browser_db):
 def test_story_view_live_prompt(app, browser_db):
     app.open(f"/story?model={MODEL}&prompt=Once%20upon%20a%20time%2C%20there%20was%20a%20little%20girl.", ".rule")
     page = app.page
-    assert page.locator(".tokens .tok").count() >= 10
+    at_least(page.locator(".tokens .tok"), 10)
     expect(page.locator(".vega-embed")).to_have_count(2)
     app.screenshot("rules_live")
 
