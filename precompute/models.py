@@ -253,6 +253,12 @@ class LoadedModel:
         with self.lock:
             return self.model(input_ids=ids.to(self.device), **kwargs)
 
+    def trunk(self, ids: Tensor, **kwargs):
+        """The HF base model (every block and the final norm, no unembedding) on token ids
+        [batch, pos], holding the model's lock: for sweeps that need no logits."""
+        with self.lock:
+            return self.model.base_model(input_ids=ids.to(self.device), **kwargs)
+
     @torch.inference_mode()
     def logits(self, ids: Tensor) -> Tensor:
         """Logits for a batch of token ids [batch, pos] -> [batch, pos, d_vocab]."""

@@ -54,7 +54,7 @@ def ray_sweep(args, names: list[str]):
     if args.ray_address is None and n > (os.cpu_count() or 1) * 4:
         raise ValueError(f"--workers {n} is more than this machine can run; use --ray-address for a cluster")
 
-    def go(shards: Iterator[Sequences], jobs: list, bar) -> Iterator[tuple[Sequences, list]]:
+    def go(shards: Iterator[Sequences], jobs: list, bar, totals=None) -> Iterator[tuple[Sequences, list]]:
         import torch
 
         started = False

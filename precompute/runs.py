@@ -13,7 +13,8 @@
 A killed run is continued by ``precompute run --resume RUN``: the checkpoint says how many
 shards are done, their per-token rows stay, rows of later shards are dropped, and the sweep goes
 on from the next shard. Shards are merged in order and every shard starts from empty
-accumulators, so the result equals an uninterrupted run's.
+accumulators (or, here, from ``next_shard()``, which is exactly equivalent), so the result equals
+an uninterrupted run's.
 
 When the database stays locked (another process writing) the driver waits, visibly, up to
 ``lock_wait`` seconds; if the final write still fails nothing is lost: the work folder keeps
@@ -168,7 +169,7 @@ class RunSetup:
     prepend_bos: bool
     params: dict  # the sweep's options (what `--resume` needs to rebuild it)
     lock_wait: float = 60.0
-    sweep_shards: Callable | None = None  # (shards iterator, prepared jobs) -> iterator of (shard, accs); default: here
+    sweep_shards: Callable | None = None  # (shards, prepared jobs, bar, totals) -> iterator of (shard, accs); default: here
     work_root: Path | None = None
     stop_after_shards: int | None = None  # testing aid: exit as if killed after this many shards
     run_ids: dict = field(default_factory=dict)  # job -> run id, when resuming
@@ -199,9 +200,13 @@ def create_runs(store: Store, setup: RunSetup) -> dict[str, int]:
 def _local_sweep(setup: RunSetup):
     from tqdm import tqdm
 
-    def go(shards: Iterator[Sequences], jobs: list[tuple[JobSpec, Any]], bar: tqdm):
+    def go(shards: Iterator[Sequences], jobs: list[tuple[JobSpec, Any]], bar: tqdm, totals: Callable[[], list | None]):
         for shard in shards:
-            accs = [spec.accumulator(setup.lm, cfg) for spec, cfg in jobs]
+            done = totals()
+            # after the first shard, a job may hand out an accumulator that updates its totals in
+            # place where that is exact (``next_shard``), instead of a second copy of its state
+            accs = [t.next_shard() if done is not None and hasattr(t, "next_shard") else spec.accumulator(setup.lm, cfg)
+                    for (spec, cfg), t in zip(jobs, done or [None] * len(jobs))]
             yield shard, sweep_shard(setup.lm, shard, accs, setup.batch_size, bar.update)
 
     return go
@@ -234,7 +239,7 @@ def _sweep(store, setup, jobs_box, run_ids, ck, tokens, folder, totals, log):
                 yield first
                 yield from shards
 
-            for shard, accs in go(chained(), jobs_box[0], bar):
+            for shard, accs in go(chained(), jobs_box[0], bar, lambda: totals):
                 if totals is None:
                     totals = accs
                 else:

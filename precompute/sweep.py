@@ -13,7 +13,10 @@ attention patterns, the final-norm residual, logits) and hands it to every accum
 The corpus is cut into shards (``sequences.shards``). Every shard is swept by fresh accumulators,
 which are then merged into the running total *in shard order*, whether the shard ran here or on
 a Ray worker: so one worker and many give the same result, bit for bit, and a resumed run
-equals an uninterrupted one. Accumulators must be picklable (Ray sends them back; checkpoints
+equals an uninterrupted one. An accumulator may also offer ``next_shard()``: an accumulator for
+the next shard that shares the state it can update in place exactly (order-free statistics) and
+that ``merge`` recognises; the sweep here uses it so that the state is not held twice.
+Accumulators must be picklable (Ray sends them back; checkpoints
 pickle them); resources that are not (an n-gram index) are dropped on pickling and reloaded.
 """
 
@@ -125,9 +128,12 @@ def capture(lm: LoadedModel, ids: torch.Tensor, needs: Needs) -> Captured:
         handle = lm.final_norm.register_forward_hook(final_hook)
     try:
         with hooked(lm, fns, stop_after=stop):
-            if needs.full_forward:
+            if needs.logits:
                 out = lm.forward(ids, output_attentions=needs.attentions)
-                cap.logits = out.logits if needs.logits else None
+                cap.logits = out.logits
+                cap.attentions = tuple(out.attentions) if needs.attentions else None
+            elif needs.full_forward:  # no unembedding: its matmul and logits are the largest part
+                out = lm.trunk(ids, output_attentions=needs.attentions)
                 cap.attentions = tuple(out.attentions) if needs.attentions else None
             elif fns:
                 forward_until(lm, ids)

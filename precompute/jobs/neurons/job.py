@@ -330,6 +330,20 @@ class NeuronsAccumulator:
                               tb.loc, tb.tt, tb.seq_idx, tb.lengths, self.n, self.m_cand, self.cfg.ctx_before,
                               self.cfg.ctx_after)
 
+    def next_shard(self) -> "NeuronsAccumulator":
+        """The accumulator for the next shard of a sweep in this process: it updates this one's
+        order-free state (range, histogram, reservoirs, top examples) in place and keeps its own
+        moments and token sums, which ``merge`` then folds in exactly as for a fresh shard (so
+        the result is bit-identical to merging a fresh accumulator, at a fraction of the memory)."""
+        self._sync()
+        nxt = object.__new__(NeuronsAccumulator)
+        nxt.__dict__.update(self.__dict__)
+        nxt.state = {l: replace(st, mean=np.zeros_like(st.mean), m2=np.zeros_like(st.m2),
+                                            npos=np.zeros_like(st.npos), tsum=np.zeros_like(st.tsum))
+                     for l, st in self.state.items()}
+        nxt.n, nxt.tcount, nxt._dev = 0, np.zeros_like(self.tcount), None
+        return nxt
+
     def merge(self, other: "NeuronsAccumulator") -> None:
         """Fold in ``other``, the accumulator of the *next* shard (it is consumed)."""
         if other.cfg != self.cfg or other.layers != self.layers:
@@ -338,6 +352,10 @@ class NeuronsAccumulator:
         other._sync()
         for layer in self.layers:
             a, b = self.state[layer], other.state[layer]
+            if b.bins is a.bins:  # from next_shard(): only the moments and sums are its own
+                scan.merge_moments(self.n, other.n, a.mean, a.m2, a.npos, b.mean, b.m2, b.npos)
+                a.tsum += b.tsum
+                continue
             scan.merge_layer(self.n, other.n, a.lo, a.hi, a.ex, a.mean, a.m2, a.npos, a.bins, a.rh, a.ra, a.rloc,
                              *a.top_arrays(), b.lo, b.hi, b.ex, b.mean, b.m2, b.npos, b.bins, b.rh, b.ra, b.rloc,
                              *b.top_arrays())

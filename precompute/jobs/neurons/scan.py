@@ -616,6 +616,26 @@ def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq
 # ---------------------------------------------------------------------------------- merge
 
 
+@njit(cache=True, inline="always")
+def _chan(i, na, nb, a_mean, a_m2, a_npos, b_mean, b_m2, b_npos):
+    """Fold neuron i's moments of b (``nb`` tokens) into a's (``na``) (Chan et al.)."""
+    if na == 0:
+        a_mean[i] = b_mean[i]
+        a_m2[i] = b_m2[i]
+    elif nb > 0:
+        delta = b_mean[i] - a_mean[i]
+        a_mean[i] += delta * nb / (na + nb)
+        a_m2[i] += b_m2[i] + delta * delta * (na * (nb / (na + nb)))
+    a_npos[i] += b_npos[i]
+
+
+@njit(cache=True)
+def merge_moments(na, nb, a_mean, a_m2, a_npos, b_mean, b_m2, b_npos):
+    """Only the moments of ``merge_layer`` (for a shard that updated a's other arrays in place)."""
+    for i in range(a_mean.shape[0]):
+        _chan(i, na, nb, a_mean, a_m2, a_npos, b_mean, b_m2, b_npos)
+
+
 @njit(cache=True)
 def merge_layer(na, nb, a_lo, a_hi, a_ex, a_mean, a_m2, a_npos, a_bins, a_rh, a_ra, a_rloc,
                 a_tn, a_tv, a_tk, a_tseq, a_tpos, a_tws, a_twl, a_twin,
@@ -626,17 +646,8 @@ def merge_layer(na, nb, a_lo, a_hi, a_ex, a_mean, a_m2, a_npos, a_bins, a_rh, a_
     d = a_lo.shape[0]
     S = a_rh.shape[2]
     K = a_tv.shape[1]
-    n = na + nb
     for i in range(d):
-        # moments (Chan et al.)
-        if na == 0:
-            a_mean[i] = b_mean[i]
-            a_m2[i] = b_m2[i]
-        elif nb > 0:
-            delta = b_mean[i] - a_mean[i]
-            a_mean[i] += delta * nb / n
-            a_m2[i] += b_m2[i] + delta * delta * (na * (nb / n))
-        a_npos[i] += b_npos[i]
+        _chan(i, na, nb, a_mean, a_m2, a_npos, b_mean, b_m2, b_npos)
         # histogram and reservoirs: both on the bins of the union's range
         if b_lo[i] <= b_hi[i]:
             lo = min(a_lo[i], b_lo[i])
