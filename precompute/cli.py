@@ -127,6 +127,11 @@ def cmd_run(args) -> int:
         raise ValueError("--shard-tokens and --batch-size must be at least 1")
     specs = [jobs[n]() for n in names]
     configs = [(spec, spec.config(args)) for spec in specs]  # bad options fail before any work
+    derived = [(spec, cfg) for spec, cfg in configs if spec.after is not None]  # read a stored run, after the sweep
+    configs = [(spec, cfg) for spec, cfg in configs if spec.after is None]
+    names = [spec.name for spec, _ in configs]
+    if not configs:
+        return _run_derived(args, derived, {})
     corpus = load_corpus(args.corpus, args.separator) if args.corpus else None  # checked before the database
     lm = load_model(args.model, device=args.device)
     if args.layers:
@@ -160,6 +165,26 @@ def cmd_run(args) -> int:
     done = execute(store, setup)
     for name, rid in done.items():
         print(f"{name}: run {rid} complete in {shown_url(args.db)}")
+    return _run_derived(args, derived, done, store)
+
+
+def _run_derived(args, derived: list, done: dict, store=None) -> int:
+    """Jobs that read another job's stored run: the one this sweep made, else the newest."""
+    from .runs import execute_derived
+    from .store.db import check_writable, open_store, shown_url
+    from .store.queries import get_model
+
+    if not derived:
+        return 0
+    if store is None:
+        open_store(args.db, create=False)  # an absent or empty database is not created
+        store = open_store(args.db)  # creates the tables this version adds
+        check_writable(store)
+    with store.session() as s:
+        model = get_model(s, args.model).name
+    for spec, cfg in derived:
+        rid = execute_derived(store, spec, cfg, model, done.get(spec.after), args.lock_wait)
+        print(f"{spec.name}: run {rid} complete in {shown_url(args.db)}")
     return 0
 
 
