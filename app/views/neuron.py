@@ -135,7 +135,7 @@ url.sync("top", top_pct, 20)
 if mode != "list":
     st.caption(f"A regex is at most {MAX_PATTERN} characters, RE2 syntax: no backreferences or lookaround."
                + (" In context mode it is searched in the sample's context as listed below: up to 12 tokens before, "
-                  "the token in [[ ]], up to 3 after (' the\\[\\[' : after ' the')." if mode == "context" else ""))
+                  "the token in [[ ]], up to 3 after (`\\]\\] dog` : before ' dog')." if mode == "context" else ""))
 
 hyp = None
 try:
