@@ -335,7 +335,7 @@ def execute_derived(store: Store, spec: JobSpec, cfg: Any, model: str, source_ru
 
     def write(s):
         row = RunRow(model_id=model_id, job=spec.name, corpus=source.corpus, corpus_synthetic=source.corpus_synthetic,
-                     n_tokens=source.n_tokens, n_sequences=0, prepend_bos=source.prepend_bos, params=params,
+                     n_tokens=source.n_tokens, n_sequences=source.n_sequences, prepend_bos=source.prepend_bos, params=params,
                      code_version=code_version(), started_at=now(), finished_at=now(), status="complete",
                      summary=dict(spec.summary(result)))
         s.add(row)
