@@ -80,6 +80,64 @@ def _add_show(sub):
         add(what.add_parser(name))
 
 
+def _add_train_sae(sub):
+    p = sub.add_parser("train-sae", help="train a TopK sparse autoencoder on one layer's MLP neurons and store it with its quality")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local folder or hub id (default: the bundled model)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--corpus", required=True, help="text file or hf:<dataset>[:split]")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--max-tokens", type=int, default=200_000, help="tokens fed to the model, BOS included (0: the whole corpus)")
+    p.add_argument("--ctx-len", type=int, default=256)
+    p.add_argument("--features", type=int, default=None, help="dictionary size (default 4 x d_mlp)")
+    p.add_argument("--k", type=int, default=32, help="active features per token")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per training step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def cmd_train_sae(args) -> int:
+    from .corpus import load_corpus
+    from .models import load_model
+    from .runs import retrying
+    from .sae.tables import write_sae
+    from .sae.train import SaeConfig, train
+    from .sequences import tokenize
+    from .store.db import check_writable, code_version, now, open_store, shown_url, upsert_model
+    from .store.tables import RunRow
+
+    cfg = SaeConfig(layer=args.layer, n_features=args.features, k=args.k, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    corpus = load_corpus(args.corpus)
+    lm = load_model(args.model, device=args.device)
+    lm.check_layer(args.layer)
+    store = open_store(args.db)
+    check_writable(store)
+    seqs = tokenize(lm, corpus, ctx_len=args.ctx_len, max_tokens=args.max_tokens or None)
+    r = train(lm, seqs, cfg, log=lambda m: print(m, file=sys.stderr))
+
+    def write(s):
+        row = RunRow(model_id=upsert_model(s, lm).id, job="sae", corpus=corpus.name, corpus_synthetic=corpus.synthetic,
+                     n_tokens=r.n_train_tokens, n_sequences=len(seqs.ids), prepend_bos=seqs.prepend_bos,
+                     params={**cfg.params(), "max_tokens": args.max_tokens, "ctx_len": args.ctx_len},
+                     code_version=code_version(), started_at=now(), finished_at=now(), status="complete",
+                     summary=dict(variance_explained=round(r.variance_explained, 4), dead_share=round(r.dead_share, 4),
+                                  clean_loss=round(r.clean_loss, 4), spliced_loss=round(r.spliced_loss, 4),
+                                  zero_loss=round(r.zero_loss, 4), seconds=round(r.seconds, 1)))
+        s.add(row)
+        s.flush()
+        write_sae(s, row.id, r)
+        return row.id
+
+    rid = retrying(store, write, "store the SAE", 60.0)
+    print(f"sae: run {rid} complete in {shown_url(args.db)}: layer {args.layer}, {r.sae.n_features} features, k={r.sae.k}, "
+          f"{r.n_train_tokens:,} training tokens, {r.seconds:.0f} s; held out ({r.n_eval_tokens:,} tokens): "
+          f"variance explained {r.variance_explained:.3f}, dead features {r.dead_share:.1%}, loss clean {r.clean_loss:.4f} "
+          f"/ spliced {r.spliced_loss:.4f} / zero-ablated {r.zero_loss:.4f} ({r.loss_recovered:.1%} recovered)")
+    return 0
+
+
 def _add_runs(sub):
     p = sub.add_parser("runs", help="list the complete runs in a database")
     p.add_argument("--db", default=DEFAULT_DB)
@@ -127,6 +185,11 @@ def cmd_run(args) -> int:
         raise ValueError("--shard-tokens and --batch-size must be at least 1")
     specs = [jobs[n]() for n in names]
     configs = [(spec, spec.config(args)) for spec in specs]  # bad options fail before any work
+    derived = [(spec, cfg) for spec, cfg in configs if spec.after is not None]  # read a stored run, after the sweep
+    configs = [(spec, cfg) for spec, cfg in configs if spec.after is None]
+    names = [spec.name for spec, _ in configs]
+    if not configs:
+        return _run_derived(args, derived, {})
     corpus = load_corpus(args.corpus, args.separator) if args.corpus else None  # checked before the database
     lm = load_model(args.model, device=args.device)
     if args.layers:
@@ -160,6 +223,26 @@ def cmd_run(args) -> int:
     done = execute(store, setup)
     for name, rid in done.items():
         print(f"{name}: run {rid} complete in {shown_url(args.db)}")
+    return _run_derived(args, derived, done, store)
+
+
+def _run_derived(args, derived: list, done: dict, store=None) -> int:
+    """Jobs that read another job's stored run: the one this sweep made, else the newest."""
+    from .runs import execute_derived
+    from .store.db import check_writable, open_store, shown_url
+    from .store.queries import get_model
+
+    if not derived:
+        return 0
+    if store is None:
+        open_store(args.db, create=False)  # an absent or empty database is not created
+        store = open_store(args.db)  # creates the tables this version adds
+        check_writable(store)
+    with store.session() as s:
+        model = get_model(s, args.model).name
+    for spec, cfg in derived:
+        rid = execute_derived(store, spec, cfg, model, done.get(spec.after), args.lock_wait)
+        print(f"{spec.name}: run {rid} complete in {shown_url(args.db)}")
     return 0
 
 
@@ -189,7 +272,7 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "show": cmd_show, "runs": cmd_runs}
+COMMANDS = {"train": cmd_train, "run": cmd_run, "show": cmd_show, "runs": cmd_runs, "train-sae": cmd_train_sae}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_show(sub)
     _add_runs(sub)
+    _add_train_sae(sub)
     return parser
 
 

@@ -40,6 +40,7 @@ from .errors import one_line
 from .sequences import Sequences
 from .store.base import to_blob
 from .store.db import REPO_ROOT, Store, StoreError, code_version, now, shown_url, upsert_model
+from .store.queries import latest_run
 from .store.tables import RunRow, SequenceRow
 from .sweep import JobSpec, sweep_shard
 
@@ -324,6 +325,30 @@ def execute(store: Store, setup: RunSetup, log: Callable[[str], None] = lambda m
                          f"write them with `precompute run --resume {first_id} --db {shown_url(store.url)}`") from None
     _remove(folder)
     return run_ids
+
+
+def execute_derived(store: Store, spec: JobSpec, cfg: Any, model: str, source_run: int | None = None,
+                    lock_wait: float = 60.0) -> int:
+    """Run a job that reads another job's stored run (``spec.after``: run ``source_run``, default the
+    newest complete one of ``model``) and store its result as a complete run of its own, in one
+    transaction; returns its run id."""
+    with store.session() as s:
+        source = latest_run(s, model, spec.after, source_run)
+        model_id = s.get(RunRow, source.id).model_id
+        result = spec.derive(s, source, cfg)
+    params = {**(cfg.params() if hasattr(cfg, "params") else {}), "source_run": source.id}
+
+    def write(s):
+        row = RunRow(model_id=model_id, job=spec.name, corpus=source.corpus, corpus_synthetic=source.corpus_synthetic,
+                     n_tokens=source.n_tokens, n_sequences=source.n_sequences, prepend_bos=source.prepend_bos, params=params,
+                     code_version=code_version(), started_at=now(), finished_at=now(), status="complete",
+                     summary=dict(spec.summary(result)))
+        s.add(row)
+        s.flush()
+        spec.write(s, row.id, result)
+        return row.id
+
+    return retrying(store, write, f"store the {spec.name} run", lock_wait)
 
 
 def write_sequences(s, run_id: int, tokens: TokenFile, which) -> int:

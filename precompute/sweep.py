@@ -93,6 +93,10 @@ class JobSpec:
     add_args: Callable[[Any], None] | None = None  # extra `precompute run` options
     shows: dict = field(default_factory=dict)  # `precompute show NAME`: NAME -> (add_arguments, handler(args, store))
     prepare: Callable[[LoadedModel, Any, Sequences], Any] | None = None  # (lm, cfg, first shard) -> cfg, before any accumulator
+    # a job that sweeps nothing but reads another job's stored run (``accumulator`` is None): the
+    # name of that job, and (session, its RunInfo, cfg) -> result; it runs after the sweep
+    after: str | None = None
+    derive: Callable[[Any, Any, Any], Any] | None = None
 
 
 def return_freed_memory() -> None:

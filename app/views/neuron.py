@@ -1,7 +1,7 @@
 """Neuron page: ``/neuron?model=M&layer=L&neuron=N``.
 
 Every view state is in the URL, so a copied link reopens the same view: ``page`` (examples page),
-``hyp`` + ``mode`` (hypothesis, ``list`` or ``regex``), ``log`` (log-y spectrum), ``bin`` (chosen
+``hyp`` + ``mode`` (hypothesis, ``list``, ``regex`` or ``context``), ``log`` (log-y spectrum), ``bin`` (chosen
 spectrum bin), ``top`` (percent of the activation range counted as "top"), ``prompt`` (live test).
 """
 
@@ -14,15 +14,14 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import cached, limits, render, url
-from app.hypothesis import MAX_PATTERN, MODES, Hypothesis, bin_shares, explained_share
+from app import cached, explanations, limits, render, url
+from app.hypothesis import MAX_PATTERN, MODES, TOP_CHOICES, Hypothesis, bin_shares, explained_share, sample_matches
 from app.live import neuron_on_text
 from app.state import DB_URL, bad_param, get_model, param_int
 from precompute.models import ModelError
 from precompute.store.queries import NotFound
 
 PAGE_SIZE = 5
-TOP_CHOICES = (5, 10, 20, 30, 50)
 
 
 @st.cache_data(show_spinner="Running the model…", max_entries=128)
@@ -111,6 +110,12 @@ else:
         )
     st.html("".join(blocks))
 
+# -------------------------------------------------------------------------------- explanations
+explained = explanations.neuron_explanations(DB_URL, model, layer, neuron, run.id, V)
+if explained:
+    st.subheader("Explanations")
+    explanations.show_list(model, layer, neuron, explained)
+
 # -------------------------------------------------------------------------------- spectrum
 st.subheader("Activation spectrum")
 c = st.columns([3, 2, 1, 1])
@@ -127,8 +132,10 @@ url.sync("hyp", hyp_text, "")
 url.sync("mode", mode, "list")
 url.sync("log", "1" if log_y else None)
 url.sync("top", top_pct, 20)
-if mode == "regex":
-    st.caption(f"A regex is at most {MAX_PATTERN} characters, RE2 syntax: no backreferences or lookaround.")
+if mode != "list":
+    st.caption(f"A regex is at most {MAX_PATTERN} characters, RE2 syntax: no backreferences or lookaround."
+               + (" In context mode it is searched in the sample's context as listed below: up to 12 tokens before, "
+                  "the token in [[ ]], up to 3 after (`\\]\\] dog` : before ' dog')." if mode == "context" else ""))
 
 hyp = None
 try:
@@ -180,12 +187,16 @@ if url.new_selection(f"spectrum-{model}-{layer}-{neuron}", clicked_bin) is not N
 if hyp is not None:
     ex = explained_share(p, hyp, top_pct / 100)
     share = "no tokens" if ex.share is None else f"{ex.share:.0%}"
-    st.metric(
+    mc = st.columns([3, 1, 1])
+    mc[0].metric(
         f"Share of the top {top_pct}% of the activation range (≥ {ex.threshold:.3f}) explained by the hypothesis",
         share,
         help=f"{ex.n_tokens:,} tokens in those bins; {ex.n_matching_sampled} of {ex.n_sampled} sampled tokens match, "
         "weighted by their bins' counts.",
     )
+    mc[1].metric("precision", "no match" if ex.precision is None else f"{ex.precision:.0%}",
+                 help=f"Estimated share of the matching tokens ({ex.est_matching:,.0f}, all bins) that are in the top range.")
+    mc[2].metric("score (F1)", "–" if ex.f1 is None else f"{ex.f1:.2f}", help="2 × precision × share / (precision + share)")
 
 labels = {r.bin: f"bin {r.bin}: {r.lo:.3f} to {r.hi:.3f} · {r.count:,} tokens, {r.n_sampled} sampled" for r in rows}
 opts = nonempty or [0]
@@ -196,7 +207,7 @@ samples = sorted((smp for smp in p.spectrum if smp.bin == chosen), key=lambda sm
 if samples:
     lines = []
     for smp in samples:
-        flag = " ✓" if hyp is not None and hyp.matches(smp.token.text) else ""
+        flag = " ✓" if hyp is not None and sample_matches(hyp, smp) else ""
         lines.append(
             f'<div class="sample" style="margin:2px 0;"><span style="display:inline-block;width:5.5em;color:#444;">'
             f"{smp.act:+.3f}{flag}</span>{render.context_html(smp.context, smp.token.text)}</div>"

@@ -1,6 +1,6 @@
 """Home: the models and complete runs in the database, and every neuron of a model at a glance.
 
-URL: ``?model=M&layer=L&stat=max&q=dog`` (all optional).
+URL: ``?model=M&layer=L&stat=max&q=dog&explained=quote`` (all optional).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import cached, render, url
+from app import cached, explanations, render, url
 from app.state import DB_URL, bad_param, param_int, store_or_stop
 from precompute.store.db import DEFAULT_DB
 from precompute.jobs.neurons.tables import match_tokens
@@ -105,6 +105,28 @@ if q.strip():
                                "mean": st.column_config.NumberColumn(format="%.3f")},
             )
 
+best = explanations.best_explanations(DB_URL, model, V)
+if best:
+    words = st.text_input("Find neurons by their explanation", url.get_str("explained"), placeholder="quote")
+    url.sync("explained", words, "")
+    if words.strip():
+        found = explanations.search(DB_URL, model, words, 50, V)
+        if not found:
+            st.info(f"No stored explanation of {model}'s neurons contains {words.strip()!r}.")
+        else:
+            st.caption(f"Neurons whose explanations contain every word of {words.strip()!r}, best score first "
+                       "(open ↗ shows the explanation on the neuron's spectrum):")
+            st.dataframe(
+                pd.DataFrame([dict(neuron=f"L{e.layer} N{e.neuron}", link=explanations.hypothesis_link(model, e),
+                                   explanation=e.label, score=e.score, explains=e.recall, precision=e.precision)
+                              for e in found]),
+                hide_index=True,
+                column_config={"link": st.column_config.LinkColumn("open", display_text="open ↗"),
+                               "score": st.column_config.NumberColumn("score (F1)", format="%.2f"),
+                               "explains": st.column_config.NumberColumn("explains (top range)", format="percent"),
+                               "precision": st.column_config.NumberColumn(format="percent")},
+            )
+
 # -------------------------------------------------------------------------------- chart
 stat = url.get_choice("stat", STATS, "max")
 stat = st.selectbox("Chart statistic", list(STATS), index=list(STATS).index(stat), format_func=STATS.get)
@@ -138,7 +160,9 @@ url.sync("layer", layer, 0)
 rows = [s for s in all_n if s.layer == layer]
 tdf = pd.DataFrame(
     [dict(neuron=s.neuron, link=url.neuron_link(model, s.layer, s.neuron), max=s.max, mean=s.mean, std=s.std,
-          firing=s.frac_pos, top_tokens=" ".join(f"'{render.visible_text(x)[0]}'" for x in s.top_tokens)) for s in rows]
+          firing=s.frac_pos, top_tokens=" ".join(f"'{render.visible_text(x)[0]}'" for x in s.top_tokens),
+          **({} if not best else dict(explanation=getattr(best.get((s.layer, s.neuron)), "label", ""),
+                                      score=getattr(best.get((s.layer, s.neuron)), "score", None)))) for s in rows]
 ).sort_values("max", ascending=False)
 table = st.dataframe(
     tdf,
@@ -152,6 +176,8 @@ table = st.dataframe(
         "mean": st.column_config.NumberColumn(format="%.3f"),
         "std": st.column_config.NumberColumn(format="%.3f"),
         "firing": st.column_config.ProgressColumn("fraction firing", format="percent", min_value=0.0, max_value=1.0),
+        "explanation": st.column_config.TextColumn("best explanation"),
+        "score": st.column_config.NumberColumn("score (F1)", format="%.2f"),
     },
 )
 st.caption("Click a column header to sort; select a row (or click open ↗) to open the neuron.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Callable
 
-NAMES = ("neurons", "heads", "embeddings", "rules")
+NAMES = ("neurons", "heads", "embeddings", "rules", "explanations")
 
 
 def _loader(name: str) -> Callable:

@@ -50,6 +50,8 @@ BROWSER_JOBS: dict[str, list[str]] = {
     "heads": ["--induction-len", "20", "--head-examples", "2"],
     # --- issue 5: rules (rules overview, story view) ---
     "rules": ["--ngram-corpus", str(SHARED / "corpora" / "tinystories" / "train-1097.txt"), "--rule-set", "subgram"],
+    # --- issue 16: explanations (neuron page list, overview column and search); reads the neuron run ---
+    "explanations": [],
 }
 # shared by every job: ~3,000 tokens in sequences of 128 (BOS included)
 BROWSER_RUN_ARGS = ["--max-tokens", "3000", "--ctx-len", "128", "--batch-size", "16"]

@@ -1,0 +1,45 @@
+"""A TopK sparse autoencoder on one layer's MLP neurons (hook_post), as in Gao et al. 2024:
+``z = TopK(relu((x - b_dec) W_enc + b_enc))``, ``x_hat = z W_dec + b_dec``, decoder rows kept at
+unit norm. Weights are float32; shapes in TransformerLens' names (``d_in`` = d_mlp)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, d_in: int, n_features: int, k: int):
+        super().__init__()
+        if not 1 <= k <= n_features:
+            raise ValueError(f"k must be in 1..{n_features} (the number of features)")
+        self.d_in, self.n_features, self.k = d_in, n_features, k
+        self.W_enc = nn.Parameter(torch.zeros(d_in, n_features))  # [d_in, feature]
+        self.b_enc = nn.Parameter(torch.zeros(n_features))
+        self.W_dec = nn.Parameter(torch.zeros(n_features, d_in))  # [feature, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor, seed: int) -> None:
+        """Decoder rows random unit vectors, encoder their transpose, ``b_dec`` the data's mean."""
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(self.n_features, self.d_in, generator=g)
+        self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_dec.copy_(x.mean(0))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [..., d_in] -> feature activations [..., n_features], at most k non-zero per token."""
+        pre = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        v, i = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, i, v)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
