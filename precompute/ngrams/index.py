@@ -204,6 +204,10 @@ class NgramIndex:
         for off in sorted({pattern(t).offsets for t in templates}):
             self.table(off)
 
+    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray) -> dict[tuple[int, ...], PatternTable]:
+        """The tables the templates need (the same whatever the contexts: every query is in them)."""
+        return {off: self.table(off) for off in {pattern(t).offsets for t in templates}}
+
     def _build(self, offsets: tuple[int, ...]) -> PatternTable:
         span = offsets[0]
         n_tok = max(len(self.tokens), span)  # (a corpus shorter than the span has no window)

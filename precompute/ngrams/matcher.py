@@ -218,7 +218,7 @@ class Matcher:
             self.group_of[rs] = g
         self.suffix = {n: self.templates.index("+" * n) for n in range(1, MAX_N + 1) if "+" * n in self.templates}
         index.prepare(self.templates)
-        self.tables = [index.table(offsets) for offsets in self.groups]
+        self.tables: list[PatternTable | None] = []  # per group: the table of the chunk being matched
 
     # ------------------------------------------------------------------------------------
     def match(self, probs: np.ndarray, ctx: np.ndarray, ctx_len: np.ndarray, targets: np.ndarray | None = None,
@@ -251,6 +251,8 @@ class Matcher:
             amax = P.argmax(1)
             top[:, 0] = np.where(np.take_along_axis(P, top[:, :1], 1)[:, 0] == P[np.arange(C), amax], top[:, 0], amax)
             SEG = np.full((C, R), -1, dtype=np.int64)
+            tabs = self.index.chunk_tables(self.templates, cx, cl)
+            self.tables = [tabs.get(offsets) for offsets in self.groups]
             parts = self._segments(cx, cl)
             for tab, rows, rcol, seg in parts:
                 SEG[rows, rcol] = seg
@@ -297,8 +299,9 @@ class Matcher:
         parts = []
         valid_n = [np.nonzero(cl >= n)[0] for n in range(MAX_N + 1)]  # positions with >= n context tokens
         cxt = np.ascontiguousarray(cx.T)  # [7, C]: context column j back = row MAX_N - j
-        for offsets, rs in self.groups.items():
-            tab = self.index.table(offsets)
+        for tab, rs in zip(self.tables, self.groups.values()):
+            if tab is None:  # no query of this pattern occurs in the training text
+                continue
             rows_l, r_l, key_l = [], [], []
             for r in rs:
                 p = self.pats[r]

@@ -1,0 +1,359 @@
+"""An on-disk suffix-array index of a training corpus for R_suffix and R_subgram rules.
+
+Every rule without ``*`` asks for a *contiguous* run of kept tokens in the training text (the
+dropped positions close up), so one suffix array over the training tokens answers all of them:
+the suffixes that start with a query form one range of the array, and, inside that range, the
+suffixes are sorted by the token that follows the query. Stories are written one after another
+with a separator token (id ``vocab_size``, never part of a query) after each, so no query crosses
+a story start, and an occurrence at a story's end (next token: the separator) is not counted,
+as in the in-memory tables of ``index.py``.
+
+Files (``data/cache/ngrams/sa-<hash>/``, one folder per tokenizer, corpus and split):
+``tokens.bin`` (uint16 little-endian, uint32 above 65,535 tokens) and ``table.bin`` (the suffix
+array, uint64 positions), both written and sorted by ``tokengrams`` (Rust, memory-mapped,
+EleutherAI); ``first.npy`` (where each token's suffixes start) and ``meta.json``. Build memory:
+the stories are tokenised and appended to ``tokens.bin`` 512 at a time; tokengrams sorts the
+positions in one array of 8 bytes per token. Queries read both files through ``np.memmap``.
+
+Why not tokengrams' own ``count_next``: it answers one query per Python call with a list of the
+whole vocabulary; a chunk of 4,096 predictions asks up to 127 queries each. Here the queries of a
+chunk are answered together, level by level as a trie (a query of k kept tokens narrows the range
+of its first k-1 by one vectorised binary search on the k-th token; a query that never occurs
+ends its branch), and each level becomes a small ``PatternTable`` that the matcher searches
+exactly as it searches the in-memory tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .index import PatternTable, pack_keys
+from .templates import MAX_N, pattern
+
+SCAN_MAX_PER_VOCAB = 16  # a range up to 16 x vocab suffixes is read whole; longer ones are bisected per token
+BIG_CACHE = 200_000  # next-token counts of bisected (long) ranges kept across chunks, per level
+
+
+@dataclass(frozen=True)
+class SuffixIndexInfo:
+    """What ``meta.json`` records about one built index."""
+
+    corpus: str
+    split: str
+    n_tokens: int  # training tokens (separators not counted)
+    n_stories: int  # stories (or paragraphs) written
+    vocab_size: int
+    build_seconds: float
+    disk_bytes: int
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """tokengrams prints "Sorting indices..." from Rust: send file descriptor 1 to /dev/null meanwhile."""
+    try:
+        fd = os.dup(1)
+    except OSError:  # no stdout at all
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(fd, 1)
+        os.close(fd)
+
+
+def _token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size + 1 <= 1 << 16 else np.uint32
+
+
+def build_suffix_index(folder: Path, token_batches: Iterable[Sequence[Sequence[int]]], vocab_size: int, corpus: str,
+                       split: str, progress: bool = True) -> "SuffixIndex":
+    """Write ``tokens.bin`` from batches of token lists (one list per story), then sort the
+    suffix array with tokengrams. Files appear under their final names only when complete."""
+    import tokengrams
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = _token_dtype(vocab_size)
+    sep = vocab_size
+    tmp = f".{os.getpid()}.tmp"
+    tok_tmp, tab_tmp = folder / f"tokens.bin{tmp}", folder / f"table.bin{tmp}"
+    counts = np.zeros(vocab_size + 1, dtype=np.int64)
+    n_tok = n_stories = 0
+    t0 = time.perf_counter()
+    with open(tok_tmp, "wb") as f, tqdm(desc="n-gram index: tokenising", unit=" tok", unit_scale=True, disable=not progress) as bar:
+        for batch in token_batches:
+            arrs = []
+            for s in batch:
+                if len(s):
+                    a = np.asarray(s, dtype=np.int64)
+                    arrs.append(a)
+                    arrs.append(np.array([sep]))
+            if not arrs:
+                continue
+            flat = np.concatenate(arrs)
+            if flat.min() < 0 or flat.max() > sep:
+                raise ValueError(f"token ids outside 0-{vocab_size - 1} in the n-gram corpus")
+            counts += np.bincount(flat, minlength=vocab_size + 1)
+            flat.astype(dtype).tofile(f)
+            n_stories += len(arrs) // 2
+            n_tok += len(flat) - len(arrs) // 2
+            bar.update(len(flat) - len(arrs) // 2)
+    if n_tok == 0:
+        tok_tmp.unlink(missing_ok=True)
+        raise ValueError("the n-gram corpus has no tokens")
+    if progress:
+        print(f"n-gram index: sorting the suffix array of {n_tok:,} tokens (tokengrams)", flush=True)
+    with _quiet_stdout():
+        tokengrams.MemmapIndex.build(str(tok_tmp), str(tab_tmp), vocab=int(vocab_size + 1), verbose=False)
+    # suffixes are sorted by their first token: token t's start in the array
+    first = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    np.save(folder / f"first{tmp}.npy", first)
+    os.replace(folder / f"first{tmp}.npy", folder / "first.npy")
+    os.replace(tab_tmp, folder / "table.bin")
+    os.replace(tok_tmp, folder / "tokens.bin")
+    info = SuffixIndexInfo(corpus=corpus, split=split, n_tokens=int(n_tok), n_stories=int(n_stories), vocab_size=int(vocab_size),
+                           build_seconds=round(time.perf_counter() - t0, 3),
+                           disk_bytes=sum((folder / n).stat().st_size for n in ("tokens.bin", "table.bin", "first.npy")))
+    (folder / "meta.json").write_text(json.dumps(info.__dict__))
+    return SuffixIndex(folder)
+
+
+def is_built(folder: Path) -> bool:
+    return all((Path(folder) / n).exists() for n in ("tokens.bin", "table.bin", "first.npy", "meta.json"))
+
+
+class SuffixIndex:
+    """A built suffix-array index, memory-mapped; answers contiguous patterns only."""
+
+    kind = "suffix array (on disk)"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not is_built(self.folder):
+            raise FileNotFoundError(f"no suffix-array index in {self.folder}")
+        self.info = SuffixIndexInfo(**json.loads((self.folder / "meta.json").read_text()))
+        self.vocab_size = self.info.vocab_size
+        self.bits = max(1, int(self.vocab_size - 1).bit_length())
+        self.name = self.info.corpus
+        self.sep = self.vocab_size
+        self.tokens = np.memmap(self.folder / "tokens.bin", dtype=_token_dtype(self.vocab_size), mode="r")
+        self.table = np.memmap(self.folder / "table.bin", dtype=np.uint64, mode="r")
+        if len(self.table) != len(self.tokens):
+            raise ValueError(f"the suffix-array index in {self.folder} is damaged (rebuild it: delete the folder)")
+        self.first = np.load(self.folder / "first.npy")
+        self.build_seconds = self.info.build_seconds
+        self._cache: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(MAX_N + 1)]
+
+    def __len__(self) -> int:
+        return self.info.n_tokens
+
+    def nbytes(self) -> int:
+        """Bytes on disk (the files are memory-mapped, not held)."""
+        return self.info.disk_bytes
+
+    # -- the matcher's interface ------------------------------------------------------------
+    def prepare(self, templates: Iterable[str]) -> None:
+        for t in templates:
+            off = pattern(t).offsets
+            if off != tuple(range(off[0], 0, -1)):
+                raise ValueError(f"rule {t!r} has a marginalised (*) token: the suffix-array index answers R_suffix "
+                                 "and R_subgram only; R_all uses the in-memory tables")
+
+    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray) -> dict[tuple[int, ...], PatternTable]:
+        """One small table per kept-token count k (offsets ``(k, ..., 1)``) holding every query of
+        ``templates`` on contexts ``cx`` [C, 7] (right-aligned, -1 pad), ``cl`` [C] that occurs
+        in the training text, keyed exactly as the matcher keys its queries."""
+        # the query paths to follow: each template's kept context positions, oldest first, and their prefixes
+        paths: set[tuple[int, ...]] = set()
+        for t in templates:
+            cp = pattern(t).ctx_pos
+            for k in range(1, len(cp) + 1):
+                paths.add(cp[:k])
+        by_level: list[list[tuple[int, ...]]] = [[] for _ in range(MAX_N + 1)]
+        for p in sorted(paths):
+            by_level[len(p)].append(p)
+        cxt = np.ascontiguousarray(np.asarray(cx, dtype=np.int64).T)  # [7, C]: j back = row 7 - j
+        cl = np.asarray(cl, dtype=np.int64)
+        C = len(cl)
+        node_of: dict[tuple[int, ...], np.ndarray] = {}  # path -> node per position (-1: none)
+        out: dict[tuple[int, ...], PatternTable] = {}
+        toks = np.zeros((0, 0), dtype=np.int64)
+        lo = hi = np.zeros(0, dtype=np.int64)
+        for k in range(1, MAX_N + 1):
+            level = by_level[k]
+            if not level:
+                break
+            keys, owners = [], []
+            for p in level:
+                tok = cxt[MAX_N - p[-1]]
+                ok = cl >= p[0]
+                if k == 1:
+                    key = np.where(ok, tok, -1)
+                else:
+                    parent = node_of[p[:-1]]
+                    ok &= parent >= 0
+                    key = np.where(ok, parent * (self.vocab_size + 1) + tok, -1)
+                keys.append(key)
+                owners.append(p)
+            allk = np.concatenate(keys)
+            live = allk >= 0
+            uniq, inv = np.unique(allk[live], return_inverse=True)
+            if k == 1:
+                ntoks = uniq[:, None]
+                nlo, nhi = self.first[uniq], self.first[uniq + 1]
+            else:
+                par, tk = uniq // (self.vocab_size + 1), uniq % (self.vocab_size + 1)
+                ntoks = np.concatenate([toks[par], tk[:, None]], axis=1)
+                nlo, nhi = self._narrow(lo[par], hi[par], k - 1, tk)
+            alive = nhi > nlo
+            new_id = np.cumsum(alive) - 1
+            node = np.full(len(allk), -1, dtype=np.int64)
+            node[live] = np.where(alive[inv], new_id[inv], -1)
+            for j, p in enumerate(owners):
+                node_of[p] = node[j * C : (j + 1) * C]
+            toks, lo, hi = ntoks[alive], nlo[alive], nhi[alive]
+            if len(toks) == 0:
+                break
+            out[tuple(range(k, 0, -1))] = self._level_table(k, toks, lo, hi)
+        return out
+
+    # -- search --------------------------------------------------------------------------
+    def _at(self, pos: np.ndarray, depth: int) -> np.ndarray:
+        """Token ``depth`` places after the start of the suffixes at array positions ``pos``."""
+        return self.tokens[self.table[pos].astype(np.int64) + depth].astype(np.int64)
+
+    def _lower(self, lo: np.ndarray, hi: np.ndarray, depth: int, tok: np.ndarray) -> np.ndarray:
+        """First array position in [lo, hi) whose token at ``depth`` is >= tok (hi if none)."""
+        base, n = lo.astype(np.int64).copy(), (hi - lo).astype(np.int64)
+        tok = np.asarray(tok, dtype=np.int64)
+        act = np.nonzero(n > 0)[0]
+        while len(act):
+            half = n[act] >> 1
+            mid = base[act] + half
+            go = self._at(mid, depth) < tok[act]
+            base[act] = np.where(go, mid + 1, base[act])
+            n[act] = np.where(go, n[act] - half - 1, half)
+            act = act[n[act] > 0]
+        return base
+
+    def _narrow(self, lo, hi, depth: int, tok):
+        """The sub-range of [lo, hi) whose token at ``depth`` equals ``tok``."""
+        return self._lower(lo, hi, depth, tok), self._lower(lo, hi, depth, tok + 1)
+
+    def _next_counts(self, k: int, lo: np.ndarray, hi: np.ndarray, keys: np.ndarray):
+        """(segment, next token, count) triplets of the ranges [lo, hi) at depth k, separators dropped."""
+        V = self.vocab_size
+        R = hi - lo
+        big = R > SCAN_MAX_PER_VOCAB * (V + 1)
+        segs, nxt, cnt = [], [], []
+        sm = np.nonzero(~big)[0]
+        if len(sm):
+            lens = R[sm]
+            seg = np.repeat(sm, lens)
+            pos = np.arange(int(lens.sum())) + np.repeat(lo[sm] - (np.cumsum(lens) - lens), lens)
+            val = self._at(pos, k)
+            new = np.ones(len(val), dtype=bool)
+            new[1:] = (seg[1:] != seg[:-1]) | (val[1:] != val[:-1])
+            st = np.flatnonzero(new)
+            segs.append(seg[st])
+            nxt.append(val[st])
+            cnt.append(np.diff(np.append(st, len(val))))
+        bg = np.nonzero(big)[0]
+        if len(bg):
+            cache = self._cache[k]
+            todo = [i for i in bg if int(keys[i]) not in cache]
+            if len(cache) + len(todo) > BIG_CACHE:
+                cache.clear()
+            step = max(1, (1 << 22) // (V + 1))  # bisect at most ~4M (range, token) pairs at a time
+            for j in range(0, len(todo), step):
+                part = np.asarray(todo[j : j + step])
+                t = np.tile(np.arange(V + 1), len(part))
+                b = self._lower(np.repeat(lo[part], V + 1), np.repeat(hi[part], V + 1), k, t).reshape(len(part), V + 1)
+                c = np.diff(np.concatenate([b, hi[part, None]], axis=1), axis=1)
+                for i, row in zip(part, c):
+                    nz = np.flatnonzero(row)
+                    cache[int(keys[i])] = (nz, row[nz])
+            for i in bg:
+                nz, c = cache[int(keys[i])]
+                segs.append(np.full(len(nz), i))
+                nxt.append(nz)
+                cnt.append(c)
+        seg, nx, ct = np.concatenate(segs), np.concatenate(nxt), np.concatenate(cnt)
+        keep = nx != self.sep
+        seg, nx, ct = seg[keep], nx[keep], ct[keep]
+        order = np.lexsort((nx, seg))
+        return seg[order], nx[order], ct[order]
+
+    def _level_table(self, k: int, toks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> PatternTable:
+        keys = pack_keys([toks[:, j] for j in range(k)], self.bits)
+        seg, nx, ct = self._next_counts(k, lo, hi, keys)
+        # queries followed only by story ends have no next token: they do not occur as rules
+        has = np.zeros(len(keys), dtype=bool)
+        has[seg] = True
+        remap = np.cumsum(has) - 1
+        keys = keys[has]
+        seg = remap[seg]
+        order = np.argsort(keys, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        seg = rank[seg]
+        o2 = np.lexsort((nx, seg))
+        seg, nx, ct = seg[o2], nx[o2], ct[o2]
+        U = len(keys)
+        sizes = np.bincount(seg, minlength=U)
+        starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        ct32 = ct.astype(np.int32)
+        if U:
+            support = np.add.reduceat(ct, starts[:-1]).astype(np.int64)
+            max_count = np.maximum.reduceat(ct32, starts[:-1])
+            n_argmax = np.add.reduceat((ct32 == np.repeat(max_count, sizes)).astype(np.int32), starts[:-1])
+        else:
+            support = np.zeros(0, np.int64)
+            max_count = n_argmax = np.zeros(0, np.int32)
+        return PatternTable(tuple(range(k, 0, -1)), keys[order], starts, nx.astype(np.int32), ct32, support,
+                            max_count.astype(np.int32), n_argmax.astype(np.int32))
+
+    # -- convenience (tests, pages) --------------------------------------------------------
+    def counts(self, template: str, context: Sequence[int]) -> dict[int, int]:
+        """Next-token counts of one rule on one context (oldest first; >= len(template) tokens)."""
+        p = pattern(template)
+        if len(context) < p.n:
+            raise ValueError(f"template {template!r} needs {p.n} context tokens")
+        self.prepare([template])
+        ctx = np.full((1, MAX_N), -1, dtype=np.int64)
+        c = list(context)[-MAX_N:]
+        ctx[0, MAX_N - len(c):] = c
+        tabs = self.chunk_tables([template], ctx, np.array([len(c)]))
+        tab = tabs.get(p.offsets)
+        if tab is None:
+            return {}
+        key = pack_keys([ctx[0, [MAX_N - d]] for d in p.ctx_pos], self.bits)
+        seg = int(tab.find(key)[0])
+        if seg < 0:
+            return {}
+        a, b = tab.starts[seg], tab.starts[seg + 1]
+        return {int(x): int(y) for x, y in zip(tab.next[a:b], tab.count[a:b])}
+
+
+def story_batches(tokenizer, texts: Iterator[str], batch: int = 512) -> Iterator[list[list[int]]]:
+    """Token lists of ``texts``, ``batch`` at a time (no special tokens: a story start is a boundary)."""
+    buf: list[str] = []
+    for s in texts:
+        buf.append(s)
+        if len(buf) >= batch:
+            yield tokenizer(buf, add_special_tokens=False, verbose=False)["input_ids"]
+            buf = []
+    if buf:
+        yield tokenizer(buf, add_special_tokens=False, verbose=False)["input_ids"]
