@@ -97,13 +97,14 @@ def build_suffix_index(folder: Path, token_batches: Iterable[Sequence[Sequence[i
             arrs = []
             for s in batch:
                 if len(s):
-                    a = np.asarray(s, dtype=np.int64)
-                    arrs.append(a)
+                    arrs.append(np.asarray(s, dtype=np.int64))
                     arrs.append(np.array([sep]))
             if not arrs:
                 continue
             flat = np.concatenate(arrs)
-            if flat.min() < 0 or flat.max() > sep:
+            real = np.ones(len(flat), dtype=bool)
+            real[np.cumsum([len(a) for a in arrs]) [1::2] - 1] = False
+            if flat[real].min() < 0 or flat[real].max() >= sep:
                 raise ValueError(f"token ids outside 0-{vocab_size - 1} in the n-gram corpus")
             counts += np.bincount(flat, minlength=vocab_size + 1)
             flat.astype(dtype).tofile(f)
