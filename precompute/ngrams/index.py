@@ -204,9 +204,11 @@ class NgramIndex:
         for off in sorted({pattern(t).offsets for t in templates}):
             self.table(off)
 
-    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray) -> dict[tuple[int, ...], PatternTable]:
+    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray):
         """The tables the templates need (the same whatever the contexts: every query is in them)."""
-        return {off: self.table(off) for off in {pattern(t).offsets for t in templates}}
+        from .suffix import ChunkTables
+
+        return ChunkTables({off: self.table(off) for off in {pattern(t).offsets for t in templates}})
 
     def _build(self, offsets: tuple[int, ...]) -> PatternTable:
         span = offsets[0]

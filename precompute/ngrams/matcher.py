@@ -251,9 +251,9 @@ class Matcher:
             amax = P.argmax(1)
             top[:, 0] = np.where(np.take_along_axis(P, top[:, :1], 1)[:, 0] == P[np.arange(C), amax], top[:, 0], amax)
             SEG = np.full((C, R), -1, dtype=np.int64)
-            tabs = self.index.chunk_tables(self.templates, cx, cl)
-            self.tables = [tabs.get(offsets) for offsets in self.groups]
-            parts = self._segments(cx, cl)
+            ct = self.index.chunk_tables(self.templates, cx, cl)
+            self.tables = [ct.tables.get(offsets) for offsets in self.groups]
+            parts = self._segments(cx, cl) if ct.segments is None else self._parts(ct.segments)
             for tab, rows, rcol, seg in parts:
                 SEG[rows, rcol] = seg
             D = self._rule_distances(parts, P, top)
@@ -319,6 +319,17 @@ class Matcher:
             seg = tab.find(np.concatenate(key_l))
             f = seg >= 0
             parts.append((tab, rows[f], rcol[f], seg[f]))
+        return parts
+
+    def _parts(self, SEG: np.ndarray) -> list[tuple[PatternTable, np.ndarray, np.ndarray, np.ndarray]]:
+        """``_segments``' answer from segments the index found itself ([C, R], -1: undefined)."""
+        parts = []
+        for tab, rs in zip(self.tables, self.groups.values()):
+            if tab is None:
+                continue
+            sub = SEG[:, rs]
+            rows, j = np.nonzero(sub >= 0)
+            parts.append((tab, rows, np.asarray(rs)[j], sub[rows, j]))
         return parts
 
     def _rule_distances(self, parts, P: np.ndarray, top: np.ndarray) -> np.ndarray:

@@ -43,6 +43,15 @@ BIG_CACHE = 200_000  # next-token counts of bisected (long) ranges kept across c
 
 
 @dataclass(frozen=True)
+class ChunkTables:
+    """The tables answering one chunk of predictions: per pattern (offsets), and optionally each
+    (position, template)'s segment in them (-1: the query does not occur), else the matcher finds it."""
+
+    tables: dict[tuple[int, ...], PatternTable]
+    segments: np.ndarray | None = None  # [C, R] int64
+
+
+@dataclass(frozen=True)
 class SuffixIndexInfo:
     """What ``meta.json`` records about one built index."""
 
@@ -149,8 +158,9 @@ class SuffixIndex:
         self.bits = max(1, int(self.vocab_size - 1).bit_length())
         self.name = self.info.corpus
         self.sep = self.vocab_size
-        self.tokens = np.memmap(self.folder / "tokens.bin", dtype=_token_dtype(self.vocab_size), mode="r")
-        self.table = np.memmap(self.folder / "table.bin", dtype=np.uint64, mode="r")
+        # plain ndarray views of the mappings (numpy's memmap subclass slows every fancy index down)
+        self.tokens = np.asarray(np.memmap(self.folder / "tokens.bin", dtype=_token_dtype(self.vocab_size), mode="r"))
+        self.table = np.asarray(np.memmap(self.folder / "table.bin", dtype=np.uint64, mode="r"))
         if len(self.table) != len(self.tokens):
             raise ValueError(f"the suffix-array index in {self.folder} is damaged (rebuild it: delete the folder)")
         self.first = np.load(self.folder / "first.npy")
@@ -172,10 +182,15 @@ class SuffixIndex:
                 raise ValueError(f"rule {t!r} has a marginalised (*) token: the suffix-array index answers R_suffix "
                                  "and R_subgram only; R_all uses the in-memory tables")
 
-    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray) -> dict[tuple[int, ...], PatternTable]:
+    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray) -> ChunkTables:
         """One small table per kept-token count k (offsets ``(k, ..., 1)``) holding every query of
         ``templates`` on contexts ``cx`` [C, 7] (right-aligned, -1 pad), ``cl`` [C] that occurs
-        in the training text, keyed exactly as the matcher keys its queries."""
+        in the training text, keyed exactly as the matcher keys its queries, and the segment of
+        each (position, template) in its table (the matcher then needs no look-up).
+
+        Level by level: the queries of k kept tokens (deduplicated) get their range of the suffix
+        array and their next-token counts; a query of k+1 tokens is one of them followed by one
+        more token, so its range is read off its parent's next-token counts (no search)."""
         # the query paths to follow: each template's kept context positions, oldest first, and their prefixes
         paths: set[tuple[int, ...]] = set()
         for t in templates:
@@ -188,47 +203,64 @@ class SuffixIndex:
         cxt = np.ascontiguousarray(np.asarray(cx, dtype=np.int64).T)  # [7, C]: j back = row 7 - j
         cl = np.asarray(cl, dtype=np.int64)
         C = len(cl)
-        node_of: dict[tuple[int, ...], np.ndarray] = {}  # path -> node per position (-1: none)
+        W = self.vocab_size + 1
+        node_of: dict[tuple[int, ...], np.ndarray] = {}  # path -> node of each position at its level (-1: none)
         out: dict[tuple[int, ...], PatternTable] = {}
-        toks = np.zeros((0, 0), dtype=np.int64)
-        lo = hi = np.zeros(0, dtype=np.int64)
+        seg_of: dict[tuple[int, ...], np.ndarray] = {}  # path -> segment of each position in its level's table
+        prev = None  # the previous level: (tokens [U, k], lo, starts, next, count, count before each entry)
         for k in range(1, MAX_N + 1):
             level = by_level[k]
             if not level:
                 break
-            keys, owners = [], []
+            keys = []
             for p in level:
                 tok = cxt[MAX_N - p[-1]]
                 ok = cl >= p[0]
-                if k == 1:
-                    key = np.where(ok, tok, -1)
-                else:
+                if k > 1:
                     parent = node_of[p[:-1]]
                     ok &= parent >= 0
-                    key = np.where(ok, parent * (self.vocab_size + 1) + tok, -1)
-                keys.append(key)
-                owners.append(p)
+                    tok = np.where(ok, parent * W + tok, -1)
+                keys.append(np.where(ok, tok, -1))
             allk = np.concatenate(keys)
             live = allk >= 0
             uniq, inv = np.unique(allk[live], return_inverse=True)
             if k == 1:
-                ntoks = uniq[:, None]
-                nlo, nhi = self.first[uniq], self.first[uniq + 1]
+                toks, lo, hi = uniq[:, None], self.first[uniq], self.first[uniq + 1]
             else:
-                par, tk = uniq // (self.vocab_size + 1), uniq % (self.vocab_size + 1)
-                ntoks = np.concatenate([toks[par], tk[:, None]], axis=1)
-                nlo, nhi = self._narrow(lo[par], hi[par], k - 1, tk)
-            alive = nhi > nlo
-            new_id = np.cumsum(alive) - 1
+                ptoks, plo, pstarts, pnext, pcount, pbefore = prev
+                if len(pnext) == 0:  # nothing follows any shorter query
+                    break
+                par, tk = uniq // W, uniq % W
+                e = _find_in_segments(pstarts, pnext, par, tk)
+                found = e >= 0
+                e = np.where(found, e, 0)
+                lo = plo[par] + np.where(found, pbefore[e], 0)
+                hi = lo + np.where(found, pcount[e], 0)
+                toks = np.concatenate([ptoks[par], tk[:, None]], axis=1)
+            alive = hi > lo
+            qkeys = pack_keys([toks[alive, j] for j in range(k)], self.bits)
+            order = np.argsort(qkeys)  # nodes in key order: their segments are the table's
+            rank = np.full(len(uniq), -1, dtype=np.int64)
+            rank[np.flatnonzero(alive)[order]] = np.arange(len(order))
             node = np.full(len(allk), -1, dtype=np.int64)
-            node[live] = np.where(alive[inv], new_id[inv], -1)
-            for j, p in enumerate(owners):
+            node[live] = rank[inv]
+            for j, p in enumerate(level):
                 node_of[p] = node[j * C : (j + 1) * C]
-            toks, lo, hi = ntoks[alive], nlo[alive], nhi[alive]
+            toks, lo, hi, qkeys = toks[alive][order], lo[alive][order], hi[alive][order], qkeys[order]
             if len(toks) == 0:
                 break
-            out[tuple(range(k, 0, -1))] = self._level_table(k, toks, lo, hi)
-        return out
+            starts, nxt, cnt = self._next_counts(k, lo, hi, qkeys)
+            out[tuple(range(k, 0, -1))] = _table(k, qkeys, starts, nxt, cnt)
+            has = np.diff(starts) > 0
+            seg = np.append(np.where(has, np.cumsum(has) - 1, -1), -1)  # node -> segment; node -1 -> -1
+            for p in level:
+                seg_of[p] = seg[node_of[p]]
+            cum = np.concatenate(([0], np.cumsum(cnt)))  # counts of the segment's entries before each entry:
+            before = cum[:-1] - np.repeat(cum[starts[:-1]], np.diff(starts))  # where a child's range starts
+            prev = (toks, lo, starts, nxt, cnt, before)
+        none = np.full(C, -1, dtype=np.int64)
+        SEG = np.stack([seg_of.get(pattern(t).ctx_pos, none) for t in templates], axis=1) if len(templates) else None
+        return ChunkTables(out, SEG)
 
     # -- search --------------------------------------------------------------------------
     def _at(self, pos: np.ndarray, depth: int) -> np.ndarray:
@@ -249,12 +281,9 @@ class SuffixIndex:
             act = act[n[act] > 0]
         return base
 
-    def _narrow(self, lo, hi, depth: int, tok):
-        """The sub-range of [lo, hi) whose token at ``depth`` equals ``tok``."""
-        return self._lower(lo, hi, depth, tok), self._lower(lo, hi, depth, tok + 1)
-
     def _next_counts(self, k: int, lo: np.ndarray, hi: np.ndarray, keys: np.ndarray):
-        """(segment, next token, count) triplets of the ranges [lo, hi) at depth k, separators dropped."""
+        """Next-token counts of the ranges [lo, hi) at depth k as CSR (starts, token, count), one
+        segment per range (empty when only story ends follow), separators dropped."""
         V = self.vocab_size
         R = hi - lo
         big = R > SCAN_MAX_PER_VOCAB * (V + 1)
@@ -294,37 +323,11 @@ class SuffixIndex:
         seg, nx, ct = np.concatenate(segs), np.concatenate(nxt), np.concatenate(cnt)
         keep = nx != self.sep
         seg, nx, ct = seg[keep], nx[keep], ct[keep]
-        order = np.lexsort((nx, seg))
-        return seg[order], nx[order], ct[order]
-
-    def _level_table(self, k: int, toks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> PatternTable:
-        keys = pack_keys([toks[:, j] for j in range(k)], self.bits)
-        seg, nx, ct = self._next_counts(k, lo, hi, keys)
-        # queries followed only by story ends have no next token: they do not occur as rules
-        has = np.zeros(len(keys), dtype=bool)
-        has[seg] = True
-        remap = np.cumsum(has) - 1
-        keys = keys[has]
-        seg = remap[seg]
-        order = np.argsort(keys, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        seg = rank[seg]
-        o2 = np.lexsort((nx, seg))
-        seg, nx, ct = seg[o2], nx[o2], ct[o2]
-        U = len(keys)
-        sizes = np.bincount(seg, minlength=U)
-        starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
-        ct32 = ct.astype(np.int32)
-        if U:
-            support = np.add.reduceat(ct, starts[:-1]).astype(np.int64)
-            max_count = np.maximum.reduceat(ct32, starts[:-1])
-            n_argmax = np.add.reduceat((ct32 == np.repeat(max_count, sizes)).astype(np.int32), starts[:-1])
-        else:
-            support = np.zeros(0, np.int64)
-            max_count = n_argmax = np.zeros(0, np.int32)
-        return PatternTable(tuple(range(k, 0, -1)), keys[order], starts, nx.astype(np.int32), ct32, support,
-                            max_count.astype(np.int32), n_argmax.astype(np.int32))
+        if len(bg) and len(sm):  # each part is in (segment, token) order already; merge them by segment
+            order = np.argsort(seg, kind="stable")
+            seg, nx, ct = seg[order], nx[order], ct[order]
+        starts = np.concatenate(([0], np.cumsum(np.bincount(seg, minlength=len(lo))))).astype(np.int64)
+        return starts, nx.astype(np.int32), ct.astype(np.int64)
 
     # -- convenience (tests, pages) --------------------------------------------------------
     def counts(self, template: str, context: Sequence[int]) -> dict[int, int]:
@@ -336,16 +339,50 @@ class SuffixIndex:
         ctx = np.full((1, MAX_N), -1, dtype=np.int64)
         c = list(context)[-MAX_N:]
         ctx[0, MAX_N - len(c):] = c
-        tabs = self.chunk_tables([template], ctx, np.array([len(c)]))
-        tab = tabs.get(p.offsets)
+        ct = self.chunk_tables([template], ctx, np.array([len(c)]))
+        tab = ct.tables.get(p.offsets)
         if tab is None:
             return {}
-        key = pack_keys([ctx[0, [MAX_N - d]] for d in p.ctx_pos], self.bits)
-        seg = int(tab.find(key)[0])
+        seg = int(ct.segments[0, 0])
         if seg < 0:
             return {}
         a, b = tab.starts[seg], tab.starts[seg + 1]
         return {int(x): int(y) for x, y in zip(tab.next[a:b], tab.count[a:b])}
+
+
+def _find_in_segments(starts: np.ndarray, nxt: np.ndarray, seg: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    """Entry of token ``tok`` in CSR segment ``seg`` (tokens ascending inside a segment), -1 if absent."""
+    lo, hi = starts[seg], starts[seg + 1]
+    n = hi - lo
+    while len(n) and n.max() > 0:
+        half = n >> 1
+        mid = np.minimum(lo + half, len(nxt) - 1)
+        go = (n > 0) & (nxt[mid] < tok)
+        lo = np.where(go, lo + half + 1, lo)
+        n = np.where(go, n - half - 1, half)
+    ok = lo < hi
+    ok[ok] = nxt[lo[ok]] == tok[ok]
+    return np.where(ok, lo, -1)
+
+
+def _table(k: int, keys: np.ndarray, starts: np.ndarray, nxt: np.ndarray, cnt: np.ndarray) -> PatternTable:
+    """A PatternTable of one level: segments in key order; empty segments (queries followed only by
+    story ends, which do not occur as rules) dropped (their entries are none, so none move)."""
+    sizes = np.diff(starts)
+    has = sizes > 0
+    keys, st = keys[has], starts[:-1][has]
+    starts = np.append(st, len(nxt)).astype(np.int64)
+    sizes = sizes[has]
+    ct32 = cnt.astype(np.int32)
+    if len(keys):
+        support = np.add.reduceat(cnt, st).astype(np.int64)
+        max_count = np.maximum.reduceat(ct32, st)
+        n_argmax = np.add.reduceat((ct32 == np.repeat(max_count, sizes)).astype(np.int32), st)
+    else:
+        support = np.zeros(0, np.int64)
+        max_count = n_argmax = np.zeros(0, np.int32)
+    return PatternTable(tuple(range(k, 0, -1)), keys, starts, nxt, ct32, support, max_count.astype(np.int32),
+                        n_argmax.astype(np.int32))
 
 
 def story_batches(tokenizer, texts: Iterator[str], batch: int = 512) -> Iterator[list[list[int]]]:
