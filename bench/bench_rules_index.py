@@ -165,10 +165,46 @@ def part_match(out: Path, n_tokens: int, kind: str, rule_set_name: str = "subgra
     t2 = time.perf_counter()
     d = res.defined
     return dict(kind=kind, rule_set=rule_set_name, n_tokens=len(sa), n=int(s.stop - s.start), setup_s=t1 - t0, match_s=t2 - t1,
-                agreement=float(res.agree[d].mean()), n_defined=int(d.sum()), rule=res.rule.tolist() if n_tokens < 600_000 else None,
-                agree=res.agree.tolist() if n_tokens < 600_000 else None,
-                peak_rss_mb=_rss_mb(), rss_before_mb=rss0,
+                agreement=float(res.agree[d].mean()), n_defined=int(d.sum()), peak_rss_mb=_rss_mb(), rss_before_mb=rss0,
                 tables_mb=(index.nbytes() / 2**20) if kind == "mem" else None)
+
+
+def part_compare(out: Path, n_tokens: int, rounds: int = 3) -> dict:
+    """R_subgram matching, suffix array vs in-memory tables, in one process: burn-in for both (the
+    tables get built), then ``rounds`` alternating timed rounds; medians (wall and CPU)."""
+    from precompute.ngrams.matcher import Matcher
+    from precompute.ngrams.suffix import SuffixIndex
+    from precompute.ngrams.templates import rule_set
+
+    from precompute.ngrams.training import memory_index
+
+    P, C, L, T = _inputs(out)
+    sa = SuffixIndex(out / f"sa-{n_tokens}")
+    b = slice(0, BURN_IN)
+    t0 = time.perf_counter()
+    ms = {"sa": Matcher(sa, rule_set("subgram"))}
+    ms["sa"].match(P[b], C[b], L[b], T[b])
+    t1 = time.perf_counter()
+    mem = memory_index(sa)
+    ms["mem"] = Matcher(mem, rule_set("subgram"))  # builds the 7 tables
+    ms["mem"].match(P[b], C[b], L[b], T[b])
+    mem_build = time.perf_counter() - t1
+    s = slice(BURN_IN, BURN_IN + N_MATCH)
+    wall: dict[str, list] = {"sa": [], "mem": []}
+    cpu: dict[str, list] = {"sa": [], "mem": []}
+    res = {}
+    for _ in range(rounds):
+        for kind, m in ms.items():
+            w, c = time.perf_counter(), time.process_time()
+            res[kind] = m.match(P[s], C[s], L[s], T[s])
+            wall[kind].append(time.perf_counter() - w)
+            cpu[kind].append(time.process_time() - c)
+    same = int((res["sa"].rule == res["mem"].rule).sum())
+    same_agree = int((res["sa"].agree == res["mem"].agree).sum())
+    med = lambda x: float(np.median(x))  # noqa: E731
+    return dict(n_tokens=len(sa), n=N_MATCH, rounds=rounds, sa_wall=med(wall["sa"]), mem_wall=med(wall["mem"]),
+                sa_cpu=med(cpu["sa"]), mem_cpu=med(cpu["mem"]), mem_tables_build_s=mem_build, same_rule=same,
+                same_agreement=same_agree, mem_tables_mb=mem.nbytes() / 2**20, setup_s=t1 - t0)
 
 
 def _sub(args: list[str]) -> dict:
@@ -193,7 +229,8 @@ def main() -> None:
     out = Path(a.out)
     if a.part:
         fn = {"tokens": lambda: part_tokens(out), "build": lambda: part_build(out, a.n), "inputs": lambda: part_inputs(out),
-              "match": lambda: part_match(out, a.n, a.kind, a.rule_set, a.n_match)}[a.part]
+              "match": lambda: part_match(out, a.n, a.kind, a.rule_set, a.n_match),
+              "compare": lambda: part_compare(out, a.n)}[a.part]
         print(json.dumps(fn()))
         return
     if not (MODEL.exists() and TRAIN.exists() and all(p.exists() for p in EXTRA)):
@@ -209,19 +246,19 @@ def main() -> None:
               f"peak RSS {b['peak_rss_mb']:7.0f} MB (before {b['rss_before_mb']:.0f} MB)  "
               f"{(b['peak_rss_mb'] - b['rss_before_mb']) * 2**20 / b['n_tokens']:5.1f} B/token above it", flush=True)
     _sub(["--part", "inputs", "--out", str(out)])
-    rows = []
     for n in sizes(a.match_sizes):
         for kind in (("sa", "mem") if n <= 600_000 else ("sa",)):
             r = _sub(["--part", "match", "--out", str(out), "--n", str(n), "--kind", kind])
-            rows.append(r)
             print(f"R_subgram {kind:3s} {r['n_tokens']:>12,} tokens: setup+burn-in {r['setup_s']:6.1f} s, match {r['n']:,} "
                   f"predictions {r['match_s']:6.2f} s ({r['n'] / r['match_s']:,.0f}/s), agreement {r['agreement']:.4f}, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f", tables {r['tables_mb']:.0f} MB" if r["tables_mb"] else ""), flush=True)
-    small = [r for r in rows if r["rule"] is not None]
-    if len(small) == 2:
-        same = sum(x == y for x, y in zip(small[0]["rule"], small[1]["rule"]))
-        print(f"same optimal rule (suffix array vs in-memory) on {same:,} of {len(small[0]['rule']):,} predictions; "
-              f"match speed ratio in-memory/suffix array: {small[1]['match_s'] / small[0]['match_s']:.2f}", flush=True)
+        if n <= 600_000:
+            c = _sub(["--part", "compare", "--out", str(out), "--n", str(n)])
+            print(f"  one process, {c['rounds']} alternating rounds, medians: suffix array {c['sa_wall']:.2f} s wall / "
+                  f"{c['sa_cpu']:.2f} s CPU, in-memory {c['mem_wall']:.2f} s / {c['mem_cpu']:.2f} s (+ {c['mem_tables_build_s']:.2f} s "
+                  f"to build its {c['mem_tables_mb']:.0f} MB of tables); in-memory/suffix array {c['mem_wall'] / c['sa_wall']:.2f}x wall, "
+                  f"{c['mem_cpu'] / c['sa_cpu']:.2f}x CPU; same optimal rule on {c['same_rule']:,}, same agreement on "
+                  f"{c['same_agreement']:,} of {c['n']:,}", flush=True)
     for n in sizes(a.all_sizes):
         r = _sub(["--part", "match", "--out", str(out), "--n", str(n), "--kind", "mem", "--rule-set", "all", "--n-match", "2000"])
         print(f"R_all {r['n_tokens']:>12,} tokens: setup {r['setup_s']:6.1f} s, {r['n']:,} predictions {r['match_s']:6.2f} s "

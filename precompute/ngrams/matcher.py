@@ -250,12 +250,16 @@ class Matcher:
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(P, top, 1), axis=1, kind="stable"), 1)
             amax = P.argmax(1)
             top[:, 0] = np.where(np.take_along_axis(P, top[:, :1], 1)[:, 0] == P[np.arange(C), amax], top[:, 0], amax)
-            SEG = np.full((C, R), -1, dtype=np.int64)
             ct = self.index.chunk_tables(self.templates, cx, cl)
             self.tables = [ct.tables.get(offsets) for offsets in self.groups]
-            parts = self._segments(cx, cl) if ct.segments is None else self._parts(ct.segments)
-            for tab, rows, rcol, seg in parts:
-                SEG[rows, rcol] = seg
+            if ct.segments is None:
+                parts = self._segments(cx, cl)
+                SEG = np.full((C, R), -1, dtype=np.int64)
+                for tab, rows, rcol, seg in parts:
+                    SEG[rows, rcol] = seg
+            else:  # the index found every query's segment itself
+                SEG = ct.segments
+                parts = self._parts(SEG)
             D = self._rule_distances(parts, P, top)
             opt, _ = _first_within(D)
             has = opt >= 0

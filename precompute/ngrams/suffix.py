@@ -223,7 +223,7 @@ class SuffixIndex:
                 keys.append(np.where(ok, tok, -1))
             allk = np.concatenate(keys)
             live = allk >= 0
-            uniq, inv = np.unique(allk[live], return_inverse=True)
+            uniq, inv = _dedupe(allk[live], (len(prev[0]) if k > 1 else 1) * W)
             if k == 1:
                 toks, lo, hi = uniq[:, None], self.first[uniq], self.first[uniq + 1]
             else:
@@ -348,6 +348,18 @@ class SuffixIndex:
             return {}
         a, b = tab.starts[seg], tab.starts[seg + 1]
         return {int(x): int(y) for x, y in zip(tab.next[a:b], tab.count[a:b])}
+
+
+def _dedupe(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for keys in [0, bound): by marking a dense array
+    when that is cheaper than sorting."""
+    if bound > 16 * len(keys) + 4096:
+        return np.unique(keys, return_inverse=True)
+    mark = np.zeros(bound, dtype=bool)
+    mark[keys] = True
+    uniq = np.flatnonzero(mark)
+    pos = np.cumsum(mark) - 1
+    return uniq, pos[keys]
 
 
 def _find_in_segments(starts: np.ndarray, nxt: np.ndarray, seg: np.ndarray, tok: np.ndarray) -> np.ndarray:
