@@ -206,3 +206,39 @@ def test_stories260k_suffix_array_equals_in_memory_tables(lm260k, seqs260k, trai
     got = Matcher(sa, templates).match(P, C, L, T, chunk=512)
     assert want.defined.mean() > 0.9
     _assert_same(want, got)  # same optimal rule and agreement (and everything else) on every prediction
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: the split is recorded in the run and shown; R_all above its limit is one line
+
+
+def test_cli_records_the_split_and_bounds_r_all(stories260k_path, valid_corpus, train1097_corpus, tmp_path, monkeypatch, capsys):
+    import precompute.ngrams.training as training
+    from precompute.cli import main
+    from precompute.jobs.rules.tables import rules_overview
+    from precompute.store.db import open_store
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    common = ["run", "--model", str(stories260k_path), "--corpus", str(valid_corpus), "--db", url, "--max-tokens", "300",
+              "--ctx-len", "64", "--jobs", "rules", "--ngram-corpus", str(train1097_corpus)]
+    assert main(common + ["--ngram-split", "paragraph"]) == 0
+    store = open_store(url, create=False)
+    with store.session() as s:
+        ov = rules_overview(s, "stories260K")
+    store.engine.dispose()
+    assert ov.split == "paragraph" and ov.split_source == "asked for" and ov.n_predictions > 250
+    # paragraphs: more pieces than the 1,097 stories, fewer tokens (no paragraph-break newlines)
+    sa = open_index_for(stories260k_path, train1097_corpus, "paragraph")
+    assert sa.info.n_stories > 1097 and ov.index_tokens == len(sa)
+    monkeypatch.setattr(training, "R_ALL_MAX_TOKENS", 100_000)
+    capsys.readouterr()
+    assert main(common + ["--rule-set", "all"]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # (progress bars before it)
+    assert "Traceback" not in err and "at most 100,000 training tokens" in last and "--rule-set subgram" in last
+
+
+def open_index_for(model_path, corpus, split):
+    from precompute.models import load_model
+
+    return open_index(load_model(str(model_path)), str(corpus), "subgram", split, progress=False)
