@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 
-import precompute.ngrams.suffix as suffix_mod
 from bench.ngram_reference import ReferenceIndex
 from precompute.ngrams.index import NgramIndex
 from precompute.ngrams.matcher import Matcher, Matches, contexts_of
@@ -91,13 +90,9 @@ def _assert_same(a: Matches, b: Matches):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scan", "bisect"])
-def test_matcher_same_as_in_memory_tables(small, monkeypatch, scan):
-    """Every field of every prediction equals the in-memory tables', whether ranges are read whole
-    or bisected per next token."""
-    if not scan:
-        monkeypatch.setattr(suffix_mod, "SCAN_MAX_PER_VOCAB", 0)
-        monkeypatch.setattr(small[1], "_cache", [{} for _ in range(8)])
+@pytest.mark.parametrize("chunk", [400, 1500])
+def test_matcher_same_as_in_memory_tables(small, chunk):
+    """Every field of every prediction equals the in-memory tables', in chunks of any size."""
     stories, sa, mem = small
     rng = np.random.default_rng(2)
     N = 1500
@@ -110,9 +105,9 @@ def test_matcher_same_as_in_memory_tables(small, monkeypatch, scan):
         ctx[j, 7 - len(c):] = c
     for rs in ("subgram", "suffix"):
         for distance in ("variational", "linf"):
-            want = Matcher(mem, rule_set(rs), distance).match(P, ctx, cl, rng.integers(0, V, N), chunk=400)
-            got = Matcher(sa, rule_set(rs), distance).match(P, ctx, cl, want.model_argmax, chunk=400)
-            want = Matcher(mem, rule_set(rs), distance).match(P, ctx, cl, want.model_argmax, chunk=400)
+            want = Matcher(mem, rule_set(rs), distance).match(P, ctx, cl, rng.integers(0, V, N), chunk=chunk)
+            got = Matcher(sa, rule_set(rs), distance).match(P, ctx, cl, want.model_argmax, chunk=chunk)
+            want = Matcher(mem, rule_set(rs), distance).match(P, ctx, cl, want.model_argmax, chunk=chunk)
             _assert_same(want, got)
             assert want.defined.mean() > 0.5
     with pytest.raises(ValueError, match="R_all"):

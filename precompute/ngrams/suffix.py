@@ -17,10 +17,11 @@ positions in one array of 8 bytes per token. Queries read both files through ``n
 
 Why not tokengrams' own ``count_next``: it answers one query per Python call with a list of the
 whole vocabulary; a chunk of 4,096 predictions asks up to 127 queries each. Here the queries of a
-chunk are answered together, level by level as a trie (a query of k kept tokens narrows the range
-of its first k-1 by one vectorised binary search on the k-th token; a query that never occurs
-ends its branch), and each level becomes a small ``PatternTable`` that the matcher searches
-exactly as it searches the in-memory tables.
+chunk are answered together, level by level as a trie (deduplicated; a query that never occurs
+ends its branch), and each level becomes a small ``PatternTable`` of the same layout as the
+in-memory ones. Inside a query's range the suffixes are sorted by the next token, so its
+next-token counts are runs, found by galloping (a compiled loop, ``_next_runs``); a query of k+1
+tokens gets its range from its parent's counts, without a search.
 """
 
 from __future__ import annotations
@@ -34,12 +35,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from numba import njit
 
 from .index import PatternTable, pack_keys
 from .templates import MAX_N, pattern
 
-SCAN_MAX_PER_VOCAB = 16  # a range up to 16 x vocab suffixes is read whole; longer ones are bisected per token
-BIG_CACHE = 200_000  # next-token counts of bisected (long) ranges kept across chunks, per level
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,6 @@ class SuffixIndex:
             raise ValueError(f"the suffix-array index in {self.folder} is damaged (rebuild it: delete the folder)")
         self.first = np.load(self.folder / "first.npy")
         self.build_seconds = self.info.build_seconds
-        self._cache: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(MAX_N + 1)]
 
     def __len__(self) -> int:
         return self.info.n_tokens
@@ -249,7 +248,7 @@ class SuffixIndex:
             toks, lo, hi, qkeys = toks[alive][order], lo[alive][order], hi[alive][order], qkeys[order]
             if len(toks) == 0:
                 break
-            starts, nxt, cnt = self._next_counts(k, lo, hi, qkeys)
+            starts, nxt, cnt = self._next_counts(k, lo, hi)
             out[tuple(range(k, 0, -1))] = _table(k, qkeys, starts, nxt, cnt)
             has = np.diff(starts) > 0
             seg = np.append(np.where(has, np.cumsum(has) - 1, -1), -1)  # node -> segment; node -1 -> -1
@@ -262,72 +261,12 @@ class SuffixIndex:
         SEG = np.stack([seg_of.get(pattern(t).ctx_pos, none) for t in templates], axis=1) if len(templates) else None
         return ChunkTables(out, SEG)
 
-    # -- search --------------------------------------------------------------------------
-    def _at(self, pos: np.ndarray, depth: int) -> np.ndarray:
-        """Token ``depth`` places after the start of the suffixes at array positions ``pos``."""
-        return self.tokens[self.table[pos].astype(np.int64) + depth].astype(np.int64)
-
-    def _lower(self, lo: np.ndarray, hi: np.ndarray, depth: int, tok: np.ndarray) -> np.ndarray:
-        """First array position in [lo, hi) whose token at ``depth`` is >= tok (hi if none)."""
-        base, n = lo.astype(np.int64).copy(), (hi - lo).astype(np.int64)
-        tok = np.asarray(tok, dtype=np.int64)
-        act = np.nonzero(n > 0)[0]
-        while len(act):
-            half = n[act] >> 1
-            mid = base[act] + half
-            go = self._at(mid, depth) < tok[act]
-            base[act] = np.where(go, mid + 1, base[act])
-            n[act] = np.where(go, n[act] - half - 1, half)
-            act = act[n[act] > 0]
-        return base
-
-    def _next_counts(self, k: int, lo: np.ndarray, hi: np.ndarray, keys: np.ndarray):
+    # -- next-token counts ---------------------------------------------------------------
+    def _next_counts(self, k: int, lo: np.ndarray, hi: np.ndarray):
         """Next-token counts of the ranges [lo, hi) at depth k as CSR (starts, token, count), one
         segment per range (empty when only story ends follow), separators dropped."""
-        V = self.vocab_size
-        R = hi - lo
-        big = R > SCAN_MAX_PER_VOCAB * (V + 1)
-        segs, nxt, cnt = [], [], []
-        sm = np.nonzero(~big)[0]
-        if len(sm):
-            lens = R[sm]
-            seg = np.repeat(sm, lens)
-            pos = np.arange(int(lens.sum())) + np.repeat(lo[sm] - (np.cumsum(lens) - lens), lens)
-            val = self._at(pos, k)
-            new = np.ones(len(val), dtype=bool)
-            new[1:] = (seg[1:] != seg[:-1]) | (val[1:] != val[:-1])
-            st = np.flatnonzero(new)
-            segs.append(seg[st])
-            nxt.append(val[st])
-            cnt.append(np.diff(np.append(st, len(val))))
-        bg = np.nonzero(big)[0]
-        if len(bg):
-            cache = self._cache[k]
-            todo = [i for i in bg if int(keys[i]) not in cache]
-            if len(cache) + len(todo) > BIG_CACHE:
-                cache.clear()
-            step = max(1, (1 << 22) // (V + 1))  # bisect at most ~4M (range, token) pairs at a time
-            for j in range(0, len(todo), step):
-                part = np.asarray(todo[j : j + step])
-                t = np.tile(np.arange(V + 1), len(part))
-                b = self._lower(np.repeat(lo[part], V + 1), np.repeat(hi[part], V + 1), k, t).reshape(len(part), V + 1)
-                c = np.diff(np.concatenate([b, hi[part, None]], axis=1), axis=1)
-                for i, row in zip(part, c):
-                    nz = np.flatnonzero(row)
-                    cache[int(keys[i])] = (nz, row[nz])
-            for i in bg:
-                nz, c = cache[int(keys[i])]
-                segs.append(np.full(len(nz), i))
-                nxt.append(nz)
-                cnt.append(c)
-        seg, nx, ct = np.concatenate(segs), np.concatenate(nxt), np.concatenate(cnt)
-        keep = nx != self.sep
-        seg, nx, ct = seg[keep], nx[keep], ct[keep]
-        if len(bg) and len(sm):  # each part is in (segment, token) order already; merge them by segment
-            order = np.argsort(seg, kind="stable")
-            seg, nx, ct = seg[order], nx[order], ct[order]
-        starts = np.concatenate(([0], np.cumsum(np.bincount(seg, minlength=len(lo))))).astype(np.int64)
-        return starts, nx.astype(np.int32), ct.astype(np.int64)
+        cap = int(np.minimum(hi - lo, self.vocab_size).sum())
+        return _next_runs(self.tokens, self.table, k, lo.astype(np.int64), hi.astype(np.int64), self.sep, cap)
 
     # -- convenience (tests, pages) --------------------------------------------------------
     def counts(self, template: str, context: Sequence[int]) -> dict[int, int]:
@@ -348,6 +287,46 @@ class SuffixIndex:
             return {}
         a, b = tab.starts[seg], tab.starts[seg + 1]
         return {int(x): int(y) for x, y in zip(tab.next[a:b], tab.count[a:b])}
+
+
+@njit(cache=True, nogil=True)
+def _next_runs(tokens, table, depth, lo, hi, sep, cap):
+    """For each suffix-array range [lo[i], hi[i]) whose suffixes share their first ``depth`` tokens:
+    the distinct tokens at ``depth`` (ascending, the order of the array) and how many suffixes
+    have each, as CSR. Each run of equal tokens is found by galloping then bisecting, so a range
+    costs about D log(R / D) reads for D distinct tokens among R suffixes. The separator (the
+    largest id, last in a range) ends the walk: a story end is not a next token."""
+    n = len(lo)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    nxt = np.empty(cap, dtype=np.int32)
+    cnt = np.empty(cap, dtype=np.int64)
+    e = 0
+    for i in range(n):
+        s = lo[i]
+        h = hi[i]
+        while s < h:
+            v = tokens[np.int64(table[s]) + depth]
+            if v == sep:
+                break
+            a = s  # the token at a is v; gallop while it still is
+            step = 1
+            while a + step < h and tokens[np.int64(table[a + step]) + depth] == v:
+                a += step
+                step *= 2
+            l = a + 1  # the run ends in (a, min(a + step, h)]: bisect for the first token > v
+            r = min(a + step, h)
+            while l < r:
+                m = (l + r) >> 1
+                if tokens[np.int64(table[m]) + depth] > v:
+                    r = m
+                else:
+                    l = m + 1
+            nxt[e] = v
+            cnt[e] = l - s
+            e += 1
+            s = l
+        starts[i + 1] = e
+    return starts, nxt[:e], cnt[:e]
 
 
 def _dedupe(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
