@@ -8,6 +8,7 @@ stories260K with train-1097.txt."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +226,22 @@ def test_cli_records_the_split_and_bounds_r_all(stories260k_path, valid_corpus, 
     # paragraphs: more pieces than the 1,097 stories, fewer tokens (no paragraph-break newlines)
     sa = open_index_for(stories260k_path, train1097_corpus, "paragraph")
     assert sa.info.n_stories > 1097 and ov.index_tokens == len(sa)
+    # the pages: the overview says the split; the live story view matches from the same index
+    import app.state as state
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("TINYSCOPE_DB", url)
+    monkeypatch.setattr(state, "DB_URL", url)
+    main_py = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+    for page, params, want in (("views/rules.py", {}, "split into **paragraphs** (asked for)"),
+                               ("views/story.py", {"prompt": "Once upon a time, there was a little dog."}, "split into paragraphs")):
+        at = AppTest.from_file(main_py, default_timeout=180)
+        at.query_params.update({"model": "stories260K", **params})
+        at.run()
+        at.switch_page(page)
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.exception]
+        assert any(want in c.value for c in at.caption), page
     monkeypatch.setattr(training, "R_ALL_MAX_TOKENS", 100_000)
     capsys.readouterr()
     assert main(common + ["--rule-set", "all"]) == 2
