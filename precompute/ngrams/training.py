@@ -35,7 +35,7 @@ SPLITS: dict[str, str] = {
     "story": "whole stories (paragraph breaks inside a story are newline tokens)",
     "paragraph": "paragraphs (each paragraph tokenised on its own, its start a story start)",
 }
-# R_all's in-memory tables: peak 1.2 GB at 0.47M training tokens, 2.1 GB at 1M, 3.4 GB at 2M
+# R_all's in-memory tables: peak 1.3 GB at 0.47M training tokens, 2.1 GB at 1M, 3.5 GB at 2M
 # (bench/bench_rules_index.py, about 1.3-1.7 KB more per token): 4M extrapolates to about 6.2 GB,
 # inside 8 GB with room for the model and the sweep.
 R_ALL_MAX_TOKENS = 4_000_000
