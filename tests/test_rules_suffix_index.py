@@ -254,3 +254,13 @@ def open_index_for(model_path, corpus, split):
     from precompute.models import load_model
 
     return open_index(load_model(str(model_path)), str(corpus), "subgram", split, progress=False)
+
+
+def test_wide_vocabulary_and_failed_builds_leave_nothing(tmp_path):
+    """Above 65,535 tokens the file holds uint32; a build that fails leaves no files behind."""
+    big = 70_000
+    sa = build_suffix_index(tmp_path / "wide", [[[69_999, 5, 69_999, 5, 7]]], big, "x", "story", progress=False)
+    assert sa.tokens.dtype == np.uint32 and sa.counts("+", [69_999]) == {5: 2} and sa.counts("++", [69_999, 5]) == {69_999: 1, 7: 1}
+    with pytest.raises(ValueError, match="outside"):
+        build_suffix_index(tmp_path / "bad", [[[1, 2]], [[3, 9]]], 8, "x", "story", progress=False)
+    assert list((tmp_path / "bad").iterdir()) == []

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,20 +89,33 @@ def _token_dtype(vocab_size: int):
 def build_suffix_index(folder: Path, token_batches: Iterable[Sequence[Sequence[int]]], vocab_size: int, corpus: str,
                        split: str, progress: bool = True) -> "SuffixIndex":
     """Write ``tokens.bin`` from batches of token lists (one list per story), then sort the
-    suffix array with tokengrams. Files appear under their final names only when complete."""
+    suffix array with tokengrams. Files appear under their final names only when complete; a
+    failed build leaves nothing behind."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = f".{os.getpid()}.tmp"
+    parts = {name: folder / f"{name}{tmp}" for name in ("tokens.bin", "table.bin", "first.npy", "meta.json")}
+    try:
+        info = _build(parts, token_batches, vocab_size, corpus, split, progress)
+        for name in ("first.npy", "table.bin", "tokens.bin", "meta.json"):  # meta.json last: it marks a complete index
+            os.replace(parts[name], folder / name)
+    finally:
+        for p in parts.values():
+            p.unlink(missing_ok=True)
+    return SuffixIndex(folder)
+
+
+def _build(parts: dict[str, Path], token_batches, vocab_size: int, corpus: str, split: str, progress: bool) -> SuffixIndexInfo:
     import tokengrams
     from tqdm import tqdm
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = _token_dtype(vocab_size)
     sep = vocab_size
-    tmp = f".{os.getpid()}.tmp"
-    tok_tmp, tab_tmp = folder / f"tokens.bin{tmp}", folder / f"table.bin{tmp}"
     counts = np.zeros(vocab_size + 1, dtype=np.int64)
     n_tok = n_stories = 0
     t0 = time.perf_counter()
-    with open(tok_tmp, "wb") as f, tqdm(desc="n-gram index: tokenising", unit=" tok", unit_scale=True, disable=not progress) as bar:
+    with open(parts["tokens.bin"], "wb") as f, tqdm(desc="n-gram index: tokenising", unit=" tok", unit_scale=True,
+                                                    disable=not progress) as bar:
         for batch in token_batches:
             arrs = []
             for s in batch:
@@ -112,7 +126,7 @@ def build_suffix_index(folder: Path, token_batches: Iterable[Sequence[Sequence[i
                 continue
             flat = np.concatenate(arrs)
             real = np.ones(len(flat), dtype=bool)
-            real[np.cumsum([len(a) for a in arrs]) [1::2] - 1] = False
+            real[np.cumsum([len(a) for a in arrs])[1::2] - 1] = False
             if flat[real].min() < 0 or flat[real].max() >= sep:
                 raise ValueError(f"token ids outside 0-{vocab_size - 1} in the n-gram corpus")
             counts += np.bincount(flat, minlength=vocab_size + 1)
@@ -121,23 +135,19 @@ def build_suffix_index(folder: Path, token_batches: Iterable[Sequence[Sequence[i
             n_tok += len(flat) - len(arrs) // 2
             bar.update(len(flat) - len(arrs) // 2)
     if n_tok == 0:
-        tok_tmp.unlink(missing_ok=True)
         raise ValueError("the n-gram corpus has no tokens")
     if progress:
-        print(f"n-gram index: sorting the suffix array of {n_tok:,} tokens (tokengrams)", flush=True)
+        print(f"n-gram index: sorting the suffix array of {n_tok:,} tokens (tokengrams)", file=sys.stderr, flush=True)
     with _quiet_stdout():
-        tokengrams.MemmapIndex.build(str(tok_tmp), str(tab_tmp), vocab=int(vocab_size + 1), verbose=False)
-    # suffixes are sorted by their first token: token t's start in the array
-    first = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    np.save(folder / f"first{tmp}.npy", first)
-    os.replace(folder / f"first{tmp}.npy", folder / "first.npy")
-    os.replace(tab_tmp, folder / "table.bin")
-    os.replace(tok_tmp, folder / "tokens.bin")
+        tokengrams.MemmapIndex.build(str(parts["tokens.bin"]), str(parts["table.bin"]), vocab=int(vocab_size + 1), verbose=False)
+    # suffixes are sorted by their first token: token t's suffixes start at first[t]
+    with open(parts["first.npy"], "wb") as f:
+        np.save(f, np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
     info = SuffixIndexInfo(corpus=corpus, split=split, n_tokens=int(n_tok), n_stories=int(n_stories), vocab_size=int(vocab_size),
                            build_seconds=round(time.perf_counter() - t0, 3),
-                           disk_bytes=sum((folder / n).stat().st_size for n in ("tokens.bin", "table.bin", "first.npy")))
-    (folder / "meta.json").write_text(json.dumps(info.__dict__))
-    return SuffixIndex(folder)
+                           disk_bytes=sum(parts[n].stat().st_size for n in ("tokens.bin", "table.bin", "first.npy")))
+    parts["meta.json"].write_text(json.dumps(info.__dict__))
+    return info
 
 
 def is_built(folder: Path) -> bool:

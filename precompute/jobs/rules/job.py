@@ -126,9 +126,12 @@ def load_index(lm: LoadedModel, cfg: RulesConfig) -> NgramIndex | SuffixIndex:
     if key not in _INDEXES:
         root = Path(cfg.cache_dir) if cfg.cache_dir else None
         if not cfg.cache:
+            import atexit
+            import shutil
             import tempfile
 
             root = Path(tempfile.mkdtemp(prefix="tinyscope-ngrams-"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
         _INDEXES[key] = open_index(lm, cfg.ngram_corpus, cfg.rule_set, cfg.split, cache_root=root)
     return _INDEXES[key]
 
