@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -200,39 +201,24 @@ class SuffixIndex:
         Level by level: the queries of k kept tokens (deduplicated) get their range of the suffix
         array and their next-token counts; a query of k+1 tokens is one of them followed by one
         more token, so its range is read off its parent's next-token counts (no search)."""
-        # the query paths to follow: each template's kept context positions, oldest first, and their prefixes
-        paths: set[tuple[int, ...]] = set()
-        for t in templates:
-            cp = pattern(t).ctx_pos
-            for k in range(1, len(cp) + 1):
-                paths.add(cp[:k])
-        by_level: list[list[tuple[int, ...]]] = [[] for _ in range(MAX_N + 1)]
-        for p in sorted(paths):
-            by_level[len(p)].append(p)
+        plan = _plan(tuple(templates))
         cxt = np.ascontiguousarray(np.asarray(cx, dtype=np.int64).T)  # [7, C]: j back = row 7 - j
         cl = np.asarray(cl, dtype=np.int64)
         C = len(cl)
         W = self.vocab_size + 1
-        node_of: dict[tuple[int, ...], np.ndarray] = {}  # path -> node of each position at its level (-1: none)
         out: dict[tuple[int, ...], PatternTable] = {}
-        seg_of: dict[tuple[int, ...], np.ndarray] = {}  # path -> segment of each position in its level's table
+        segs: list[np.ndarray] = []  # per level: [paths, C] segment of each position in the level's table (-1: none)
+        node = None  # the previous level's [paths, C] nodes (-1: none)
         prev = None  # the previous level: (tokens [U, k], lo, starts, next, count, count before each entry)
-        for k in range(1, MAX_N + 1):
-            level = by_level[k]
-            if not level:
-                break
-            keys = []
-            for p in level:
-                tok = cxt[MAX_N - p[-1]]
-                ok = cl >= p[0]
-                if k > 1:
-                    parent = node_of[p[:-1]]
-                    ok &= parent >= 0
-                    tok = np.where(ok, parent * W + tok, -1)
-                keys.append(np.where(ok, tok, -1))
-            allk = np.concatenate(keys)
-            live = allk >= 0
-            uniq, inv = _dedupe(allk[live], (len(prev[0]) if k > 1 else 1) * W)
+        for k, (rows, need, parent) in enumerate(plan.levels, start=1):
+            tok = cxt[rows]  # [paths, C]: each path's newest kept token at every position
+            ok = cl[None, :] >= need[:, None]
+            if k > 1:
+                pn = node[parent]
+                ok &= pn >= 0
+                tok = pn * W + tok
+            live = ok.ravel()
+            uniq, inv = _dedupe(tok.ravel()[live], (len(prev[0]) if k > 1 else 1) * W)
             if k == 1:
                 toks, lo, hi = uniq[:, None], self.first[uniq], self.first[uniq + 1]
             else:
@@ -251,10 +237,9 @@ class SuffixIndex:
             order = np.argsort(qkeys)  # nodes in key order: their segments are the table's
             rank = np.full(len(uniq), -1, dtype=np.int64)
             rank[np.flatnonzero(alive)[order]] = np.arange(len(order))
-            node = np.full(len(allk), -1, dtype=np.int64)
-            node[live] = rank[inv]
-            for j, p in enumerate(level):
-                node_of[p] = node[j * C : (j + 1) * C]
+            flat = np.full(live.size, -1, dtype=np.int64)
+            flat[live] = rank[inv]
+            node = flat.reshape(len(rows), C)
             toks, lo, hi, qkeys = toks[alive][order], lo[alive][order], hi[alive][order], qkeys[order]
             if len(toks) == 0:
                 break
@@ -262,13 +247,14 @@ class SuffixIndex:
             out[tuple(range(k, 0, -1))] = _table(k, qkeys, starts, nxt, cnt)
             has = np.diff(starts) > 0
             seg = np.append(np.where(has, np.cumsum(has) - 1, -1), -1)  # node -> segment; node -1 -> -1
-            for p in level:
-                seg_of[p] = seg[node_of[p]]
+            segs.append(seg[node])
             cum = np.concatenate(([0], np.cumsum(cnt)))  # counts of the segment's entries before each entry:
             before = cum[:-1] - np.repeat(cum[starts[:-1]], np.diff(starts))  # where a child's range starts
             prev = (toks, lo, starts, nxt, cnt, before)
-        none = np.full(C, -1, dtype=np.int64)
-        SEG = np.stack([seg_of.get(pattern(t).ctx_pos, none) for t in templates], axis=1) if len(templates) else None
+        SEG = np.full((C, len(plan.where)), -1, dtype=np.int64)
+        for r, (lv, i) in enumerate(plan.where):
+            if lv < len(segs):
+                SEG[:, r] = segs[lv][i]
         return ChunkTables(out, SEG)
 
     # -- next-token counts ---------------------------------------------------------------
@@ -339,6 +325,35 @@ def _next_runs(tokens, table, depth, lo, hi, sep, cap):
     return starts, nxt[:e], cnt[:e]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The query paths of a template set, by level: each template's kept context positions (oldest
+    first) and their prefixes. ``levels[k-1]``: (row of ``cx.T`` holding each path's newest kept
+    token, the context length the path needs, the index of its parent path one level up);
+    ``where[r]``: (level - 1, path index) of template r."""
+
+    levels: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+    where: tuple[tuple[int, int], ...]
+
+
+@lru_cache(maxsize=16)
+def _plan(templates: tuple[str, ...]) -> _Plan:
+    paths: set[tuple[int, ...]] = set()
+    for t in templates:
+        cp = pattern(t).ctx_pos
+        paths.update(cp[:k] for k in range(1, len(cp) + 1))
+    by_level = [sorted(p for p in paths if len(p) == k) for k in range(1, MAX_N + 1)]
+    by_level = [lv for lv in by_level if lv]
+    index = [{p: i for i, p in enumerate(lv)} for lv in by_level]
+    levels = tuple(
+        (np.array([MAX_N - p[-1] for p in lv]), np.array([p[0] for p in lv]),
+         np.array([index[k - 1][p[:-1]] if k else 0 for p in lv]))
+        for k, lv in enumerate(by_level)
+    )
+    where = tuple((len(pattern(t).ctx_pos) - 1, index[len(pattern(t).ctx_pos) - 1][pattern(t).ctx_pos]) for t in templates)
+    return _Plan(levels, where)
+
+
 def _dedupe(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` for keys in [0, bound): by marking a dense array
     when that is cheaper than sorting."""
@@ -347,7 +362,8 @@ def _dedupe(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
     mark = np.zeros(bound, dtype=bool)
     mark[keys] = True
     uniq = np.flatnonzero(mark)
-    pos = np.cumsum(mark) - 1
+    pos = np.empty(bound, dtype=np.int64)  # only read where marked
+    pos[uniq] = np.arange(len(uniq))
     return uniq, pos[keys]
 
 
