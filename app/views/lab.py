@@ -385,7 +385,7 @@ def rules_setup(db_url: str, model: str) -> tuple[dict | None, str]:
     corpus = run.params.get("ngram_corpus") or ""
     if not corpus or (not corpus.startswith("hf:") and not Path(corpus).exists()):
         return None, f"No n-gram index is available for {model}: the rules run's training text {corpus!r} is not on this machine."
-    split = run.summary.get("split") or run.params.get("split") or "story"  # runs before the option: whole stories
+    split = (run.summary or {}).get("split") or run.params.get("split") or "story"  # runs before the option: whole stories
     return {"corpus": corpus, "rule_set": run.params.get("rule_set", "subgram"), "split": split,
             "distance": run.params.get("distance", "variational"), "run": run.id}, ""
 
