@@ -43,7 +43,6 @@ from .index import PatternTable, pack_keys
 from .templates import MAX_N, pattern
 
 
-
 @dataclass(frozen=True)
 class ChunkTables:
     """The tables answering one chunk of predictions: per pattern (offsets), and optionally each
@@ -157,8 +156,6 @@ def is_built(folder: Path) -> bool:
 
 class SuffixIndex:
     """A built suffix-array index, memory-mapped; answers contiguous patterns only."""
-
-    kind = "suffix array (on disk)"
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
