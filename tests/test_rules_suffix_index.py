@@ -264,3 +264,29 @@ def test_wide_vocabulary_and_failed_builds_leave_nothing(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         build_suffix_index(tmp_path / "bad", [[[1, 2]], [[3, 9]]], 8, "x", "story", progress=False)
     assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_concurrent_opens_build_once(tmp_path, monkeypatch):
+    """Two openers at once (sweep workers, app sessions): one builds, the other reads its files."""
+    import threading
+
+    import precompute.ngrams.training as training
+
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("a b c\nc b a b\n")
+    calls = []
+    real = training.build_suffix_index
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "build_suffix_index", counting)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(suffix_index(_Tok(), 16, str(corpus), "story", cache_root=tmp_path / "c",
+                                                                      progress=False))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 3 and len({o.folder for o in out}) == 1 and all(len(o) == 7 for o in out)

@@ -17,6 +17,7 @@ patterns with ``*``, which a suffix array cannot answer: it builds exact in-memo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -120,9 +121,14 @@ def suffix_index(tokenizer, vocab_size: int, corpus_spec: str, split: Split, sep
     folder = index_folder(tokenizer, vocab_size, corpus_spec, split, separator, cache_root)
     if is_built(folder):
         return SuffixIndex(folder)
-    corpus = load_corpus(corpus_spec, separator)
-    texts = split_texts(corpus.iter_stories(), split)
-    return build_suffix_index(folder, story_batches(tokenizer, texts), vocab_size, corpus.name, split, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:  # one builder at a time (sweep workers, app sessions)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_built(folder):  # another process built it meanwhile
+            return SuffixIndex(folder)
+        corpus = load_corpus(corpus_spec, separator)
+        texts = split_texts(corpus.iter_stories(), split)
+        return build_suffix_index(folder, story_batches(tokenizer, texts), vocab_size, corpus.name, split, progress)
 
 
 def memory_index(sa: SuffixIndex, max_tokens: int | None = None) -> NgramIndex:
