@@ -385,23 +385,24 @@ def rules_setup(db_url: str, model: str) -> tuple[dict | None, str]:
     corpus = run.params.get("ngram_corpus") or ""
     if not corpus or (not corpus.startswith("hf:") and not Path(corpus).exists()):
         return None, f"No n-gram index is available for {model}: the rules run's training text {corpus!r} is not on this machine."
-    return {"corpus": corpus, "rule_set": run.params.get("rule_set", "subgram"),
+    split = (run.summary or {}).get("split") or run.params.get("split") or "story"  # runs before the option: whole stories
+    return {"corpus": corpus, "rule_set": run.params.get("rule_set", "subgram"), "split": split,
             "distance": run.params.get("distance", "variational"), "run": run.id}, ""
 
 
 @st.cache_resource(show_spinner="Loading the n-gram index (first time only)…", max_entries=4)
-def ngram_index(source: str, corpus: str):
-    from precompute.ngrams.index import NgramIndex
+def ngram_index(source: str, corpus: str, rule_set: str, split: str):
+    from precompute.ngrams.training import open_index
 
-    return NgramIndex.for_corpus(state.get_model(source), corpus, cache=True)
+    return open_index(state.get_model(source), corpus, rule_set, split, progress=False)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def cached_rules(source: str, corpus: str, rule_set: str, distance: str, text: str):
+def cached_rules(source: str, corpus: str, rule_set: str, distance: str, text: str, split: str = "story"):
     from precompute.jobs.rules import match_prompt
 
     lm = state.get_model(source)
-    index = ngram_index(source, corpus)
+    index = ngram_index(source, corpus, rule_set, split)
     return match_prompt(lm, index, text, rule_set, distance)
 
 
@@ -412,7 +413,7 @@ def _ngram_rule(lm, name: str, source: str, text: str, pos: int) -> None:
         st.caption(why)
         return
     try:
-        matches = cached_rules(source, setup["corpus"], setup["rule_set"], setup["distance"], text)
+        matches = cached_rules(source, setup["corpus"], setup["rule_set"], setup["distance"], text, setup["split"])
     except (ValueError, LookupError, OSError) as e:
         st.caption(f"No n-gram rule: {e}")
         return

@@ -64,11 +64,11 @@ def ngram_index(source: str, corpus: str):
     """The n-gram index of the embeddings run's corpus (None when that corpus file is not here)."""
     from pathlib import Path
 
-    from precompute.ngrams.index import NgramIndex
+    from precompute.ngrams.training import open_index
 
     if not Path(corpus).exists():
         return None
-    return NgramIndex.for_corpus(get_model(source), corpus)
+    return open_index(get_model(source), corpus, "subgram", "auto", progress=False)
 
 
 @st.cache_data(show_spinner="Fine-tuning a copy of the model…", max_entries=16)

@@ -17,6 +17,8 @@ from app.state import DB_URL, bad_param, store_or_stop
 from precompute.jobs.rules import tables as rq
 from precompute.store.queries import NotFound
 
+SPLIT_WORDS = {"story": "whole stories", "paragraph": "paragraphs"}
+
 DEFINITIONS = """
 **Definitions.** The *context* of a prediction is its last ≤ 7 tokens (never crossing the start of a
 story). A *rule* is a template over the context, oldest first: kept tokens must match, `*` stands for
@@ -62,6 +64,8 @@ st.caption(
     f"Run {ov.run.id}: {ov.n_predictions:,} predictions of {ov.run.corpus} · rule set {ov.rule_set} ({ov.n_rules} rules) · "
     f"{ov.distance} distance · n-gram index: {ov.ngram_corpus} ({ov.index_tokens:,} tokens)"
 )
+st.caption(f"Training text split into **{SPLIT_WORDS.get(ov.split, ov.split)}** ({ov.split_source}). "
+           "Rules are counted inside each piece, never across a piece's start.")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Rule top-1 agreement", pct(ov.agreement), help="1/|A| when the model's top token is in the optimal rule's top set A")
 c2.metric("Model top-1 accuracy", pct(ov.model_top1), help="the model's top token equals the true next token (same predictions)")

@@ -40,21 +40,21 @@ def overview(db: str, model: str, v: float = 0.0) -> rq.RulesOverview:
 
 
 @st.cache_resource(show_spinner="Building the n-gram index (once per model and corpus)…", max_entries=4)
-def get_index(source: str, corpus: str):
-    from precompute.ngrams.index import NgramIndex
+def get_index(source: str, corpus: str, rule_set: str, split: str):
+    from precompute.ngrams.training import open_index
 
-    return NgramIndex.for_corpus(get_model(source), corpus)
+    return open_index(get_model(source), corpus, rule_set, split, progress=False)
 
 
 @st.cache_data(show_spinner="Running the model and matching rules…", max_entries=64)
-def live_matches(source: str, corpus: str, text: str, rule_set: str, distance: str):
+def live_matches(source: str, corpus: str, text: str, rule_set: str, distance: str, split: str):
     from precompute.jobs.rules import match_prompt
 
     lm = get_model(source)
     ids = lm.encode(text)[: lm.n_ctx]
     special = lm.special_ids
     toks = tuple((t, s in special) for t, s in zip(lm.token_strs(ids), ids))
-    return toks, tuple(match_prompt(lm, get_index(source, corpus), text, rule_set, distance))
+    return toks, tuple(match_prompt(lm, get_index(source, corpus, rule_set, split), text, rule_set, distance))
 
 
 def rule_html(m: TokenMatch) -> str:
@@ -157,7 +157,8 @@ except NotFound as e:
 
 st.title(f"Rule matches · {model}")
 st.caption("Rules describe the model's predictions (chosen after seeing them); they do not explain them. "
-           f"Rule set {ov.rule_set}, n-gram corpus {ov.ngram_corpus}.")
+           f"Rule set {ov.rule_set}, n-gram corpus {ov.ngram_corpus} split into "
+           f"{'paragraphs' if ov.split == 'paragraph' else 'whole stories'}.")
 mode = st.radio("Text", ["story", "live prompt"], horizontal=True,
                 index=1 if url.get_str("prompt") else 0)
 if mode == "story":
@@ -178,7 +179,7 @@ else:
     text = st.text_area("Prompt", url.get_str("prompt", "Once upon a time, there was a little girl named Lily."), max_chars=MAX_PROMPT_CHARS)
     url.sync("prompt", text)
     try:
-        toks, matches = live_matches(info.source, ov.ngram_corpus, text, ov.rule_set, ov.distance)
+        toks, matches = live_matches(info.source, ov.ngram_corpus, text, ov.rule_set, ov.distance, ov.split)
     except (ModelError, ValueError, OSError) as e:
         st.error(one_line(e))
         st.stop()

@@ -19,6 +19,11 @@ Built once per (tokenizer, corpus) and cached under ``data/cache/ngrams/<hash>/`
 the tokenizer's definition and the corpus text): the tokens, and the 7 contiguous-window tables
 R_subgram needs. Tables of patterns with ``*`` (R_all: 120 more) are rebuilt in memory on first
 use: that takes ~3 s for 470k tokens, less than reading ~1 GB of them back from disk.
+
+The rules job, the pages and the lab use these tables for R_all only (``training.memory_index``
+builds them from the suffix-array index's token file, up to ``R_ALL_MAX_TOKENS``); R_suffix and
+R_subgram read the on-disk suffix array (``suffix.py``). ``for_corpus`` stays as the reference
+tests and benchmarks compare the suffix array with.
 """
 
 from __future__ import annotations
@@ -203,6 +208,12 @@ class NgramIndex:
         """Build (or load) every table the templates need."""
         for off in sorted({pattern(t).offsets for t in templates}):
             self.table(off)
+
+    def chunk_tables(self, templates: Sequence[str], cx: np.ndarray, cl: np.ndarray):
+        """The tables the templates need (the same whatever the contexts: every query is in them)."""
+        from .suffix import ChunkTables
+
+        return ChunkTables({off: self.table(off) for off in {pattern(t).offsets for t in templates}})
 
     def _build(self, offsets: tuple[int, ...]) -> PatternTable:
         span = offsets[0]

@@ -218,7 +218,7 @@ class Matcher:
             self.group_of[rs] = g
         self.suffix = {n: self.templates.index("+" * n) for n in range(1, MAX_N + 1) if "+" * n in self.templates}
         index.prepare(self.templates)
-        self.tables = [index.table(offsets) for offsets in self.groups]
+        self.tables: list[PatternTable | None] = []  # per group: the table of the chunk being matched
 
     # ------------------------------------------------------------------------------------
     def match(self, probs: np.ndarray, ctx: np.ndarray, ctx_len: np.ndarray, targets: np.ndarray | None = None,
@@ -250,10 +250,16 @@ class Matcher:
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(P, top, 1), axis=1, kind="stable"), 1)
             amax = P.argmax(1)
             top[:, 0] = np.where(np.take_along_axis(P, top[:, :1], 1)[:, 0] == P[np.arange(C), amax], top[:, 0], amax)
-            SEG = np.full((C, R), -1, dtype=np.int64)
-            parts = self._segments(cx, cl)
-            for tab, rows, rcol, seg in parts:
-                SEG[rows, rcol] = seg
+            ct = self.index.chunk_tables(self.templates, cx, cl)
+            self.tables = [ct.tables.get(offsets) for offsets in self.groups]
+            if ct.segments is None:
+                parts = self._segments(cx, cl)
+                SEG = np.full((C, R), -1, dtype=np.int64)
+                for tab, rows, rcol, seg in parts:
+                    SEG[rows, rcol] = seg
+            else:  # the index found every query's segment itself
+                SEG = ct.segments
+                parts = self._parts(SEG)
             D = self._rule_distances(parts, P, top)
             opt, _ = _first_within(D)
             has = opt >= 0
@@ -297,8 +303,9 @@ class Matcher:
         parts = []
         valid_n = [np.nonzero(cl >= n)[0] for n in range(MAX_N + 1)]  # positions with >= n context tokens
         cxt = np.ascontiguousarray(cx.T)  # [7, C]: context column j back = row MAX_N - j
-        for offsets, rs in self.groups.items():
-            tab = self.index.table(offsets)
+        for tab, rs in zip(self.tables, self.groups.values()):
+            if tab is None:  # no query of this pattern occurs in the training text
+                continue
             rows_l, r_l, key_l = [], [], []
             for r in rs:
                 p = self.pats[r]
@@ -316,6 +323,17 @@ class Matcher:
             seg = tab.find(np.concatenate(key_l))
             f = seg >= 0
             parts.append((tab, rows[f], rcol[f], seg[f]))
+        return parts
+
+    def _parts(self, SEG: np.ndarray) -> list[tuple[PatternTable, np.ndarray, np.ndarray, np.ndarray]]:
+        """``_segments``' answer from segments the index found itself ([C, R], -1: undefined)."""
+        parts = []
+        for tab, rs in zip(self.tables, self.groups.values()):
+            if tab is None:
+                continue
+            sub = SEG[:, rs]
+            rows, j = np.nonzero(sub >= 0)
+            parts.append((tab, rows, np.asarray(rs)[j], sub[rows, j]))
         return parts
 
     def _rule_distances(self, parts, P: np.ndarray, top: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ __all__ = [
 def _config(args) -> RulesConfig:
     return RulesConfig(
         ngram_corpus=getattr(args, "ngram_corpus", None) or "", rule_set=getattr(args, "rule_set", "subgram"),
-        distance=getattr(args, "distance", "variational"), batch_size=args.batch_size,
+        distance=getattr(args, "distance", "variational"), split=getattr(args, "ngram_split", "auto"), batch_size=args.batch_size,
     )
 
 
@@ -36,7 +36,11 @@ def _add_args(p) -> None:
     p.add_argument("--ngram-corpus", default=None,
                    help="rules job (required): the model's training text for the n-gram index, e.g. train-1097.txt for stories260K")
     p.add_argument("--rule-set", default="subgram", choices=["subgram", "all", "suffix"],
-                   help="rules job: R_subgram (127 rules), R_all (609, with marginalised tokens) or R_suffix (7 n-grams)")
+                   help="rules job: R_subgram (127 rules, on-disk suffix array, any corpus size), R_all (609, with marginalised "
+                        "tokens; in-memory tables, at most 4M training tokens) or R_suffix (7 n-grams)")
+    p.add_argument("--ngram-split", default="auto", choices=["auto", "story", "paragraph"],
+                   help="rules job: count rules in whole training stories or in paragraphs; auto: what the model card "
+                        "says, else whole stories")
     p.add_argument("--distance", default="variational", choices=["variational", "linf"],
                    help="rules job: distance between the model and a rule")
 

@@ -13,7 +13,9 @@ not explain them.
 
 The n-gram index is built from ``ngram_corpus`` tokenised with the model's tokenizer (it should be
 the model's training text: train-1097.txt for stories260K, train-5511-lowercase.txt for the
-bundled lowercase model) and cached under data/cache/ngrams/.
+bundled lowercase model), split into whole stories or paragraphs (``split``; ``auto``: what the
+model card says, see ``ngrams/training.py``), and kept under data/cache/ngrams/: an on-disk suffix
+array for R_suffix and R_subgram, exact in-memory tables built from it for R_all (bounded).
 
 Streaming (``RulesAccumulator``, see ``precompute/sweep.py``): ``update`` turns a batch's logits
 into distributions (``probs_of``, the softmax ``model_probs`` uses) and matches them, in groups
@@ -38,6 +40,8 @@ import torch
 
 from ...models import LoadedModel
 from ...ngrams.index import NgramIndex
+from ...ngrams.suffix import SuffixIndex
+from ...ngrams.training import SPLITS, SplitChoice, open_index, resolve_split
 from ...ngrams.matcher import DISTANCES, Distance, Matcher, Matches, contexts_of
 from ...ngrams.templates import MAX_N, RULE_SETS, RuleSet, rule_set
 from ...ngrams.views import RuleFit, TokenMatch, token_matches  # noqa: F401 - re-exported
@@ -53,6 +57,7 @@ class RulesConfig:
     ngram_corpus: str = ""
     rule_set: RuleSet = "subgram"
     distance: Distance = "variational"
+    split: str = "auto"  # training text: "story", "paragraph" or "auto" (the model card's)
     top_k: int = 10
     batch_size: int = 32
     chunk: int = 4096
@@ -67,6 +72,8 @@ class RulesConfig:
             )
         if self.rule_set not in RULE_SETS:
             raise ValueError(f"unknown rule set {self.rule_set!r}; choose one of {', '.join(RULE_SETS)}")
+        if self.split != "auto" and self.split not in SPLITS:
+            raise ValueError(f"unknown training-text split {self.split!r}; choose auto, {', '.join(SPLITS)}")
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
         for name in ("top_k", "batch_size", "chunk"):
@@ -108,16 +115,29 @@ class RulesResult:
     index_tokens: int = 0
 
 
-_INDEXES: dict[tuple, NgramIndex] = {}  # one index per process and (tokenizer, corpus, cache)
+_INDEXES: dict[tuple, NgramIndex | SuffixIndex] = {}  # one per process and (tokenizer, corpus, split, kind)
 
 
-def load_index(lm: LoadedModel, cfg: RulesConfig) -> NgramIndex:
-    """The n-gram index of ``cfg.ngram_corpus`` for ``lm``'s tokenizer, built or read once per process."""
-    key = (str(lm.model_id), lm.vocab_size, cfg.ngram_corpus, cfg.cache, cfg.cache_dir)
+def load_index(lm: LoadedModel, cfg: RulesConfig) -> NgramIndex | SuffixIndex:
+    """The n-gram index answering ``cfg.rule_set`` on ``cfg.ngram_corpus`` for ``lm``'s tokenizer,
+    built or read once per process (``cache=False``: built in a temporary folder)."""
+    kind = "memory" if cfg.rule_set == "all" else "suffix"
+    key = (str(lm.model_id), lm.vocab_size, cfg.ngram_corpus, cfg.split, kind, cfg.cache, cfg.cache_dir)
     if key not in _INDEXES:
-        _INDEXES[key] = NgramIndex.for_corpus(lm, cfg.ngram_corpus, cache=cfg.cache,
-                                              cache_root=Path(cfg.cache_dir) if cfg.cache_dir else None)
+        root = Path(cfg.cache_dir) if cfg.cache_dir else None
+        if not cfg.cache:
+            import atexit
+            import shutil
+            import tempfile
+
+            root = Path(tempfile.mkdtemp(prefix="tinyscope-ngrams-"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _INDEXES[key] = open_index(lm, cfg.ngram_corpus, cfg.rule_set, cfg.split, cache_root=root)
     return _INDEXES[key]
+
+
+def split_of(lm: LoadedModel, cfg: RulesConfig) -> SplitChoice:
+    return resolve_split(cfg.split, str(lm.model_id))
 
 
 def probs_of(logits: torch.Tensor) -> torch.Tensor:
@@ -240,6 +260,7 @@ class RulesAccumulator:
         self.bos_id = lm.bos_id
         self.vocab_size = lm.vocab_size
         self.index_tokens = 0
+        self.split = split_of(lm, cfg)  # recorded in the aggregates: which training text the rules count in
         self.totals = _Totals(len(self.templates))
         self.timings = {"index_s": 0.0, "probs_s": 0.0, "match_s": 0.0}
         self.pending: list[tuple] = []  # (probs, seq, pos, target, ctx, ctx_len) not matched yet
@@ -326,12 +347,15 @@ class RulesAccumulator:
         self._flush()
         return self._take() if self.parts else None
 
+    def _split_fields(self) -> dict:
+        return {"split": self.split.split, "split_source": self.split.source}
+
     def finish(self, lm: LoadedModel | None = None, tokens=None) -> RulesResult:
         left = self._take()
         res = RulesResult(
             config=self.cfg, templates=self.templates, seq=left.seq, pos=left.pos, target=left.target,
             ctx_len=left.ctx_len, matches=left.matches, index_tokens=self.index_tokens,
-            aggregates=self.totals.aggregates(self.templates, self.cfg),
+            aggregates=self.totals.aggregates(self.templates, self.cfg) | self._split_fields(),
         )
         res.timings = {k: round(v, 3) for k, v in self.timings.items()}
         return res
@@ -348,12 +372,14 @@ def run(lm: LoadedModel, seqs: Sequences, cfg: RulesConfig) -> RulesResult:
 
 def aggregates(res: RulesResult) -> dict:
     """The aggregates of the tokens a result holds (all of them after ``run``)."""
-    return _Totals(len(res.templates)).add(res.matches).aggregates(res.templates, res.config)
+    kept = {k: res.aggregates[k] for k in ("split", "split_source") if k in res.aggregates}
+    return _Totals(len(res.templates)).add(res.matches).aggregates(res.templates, res.config) | kept
 
 
 def summary(res: RulesResult) -> dict:
     a = res.aggregates
-    return {k: a[k] for k in ("n_predictions", "n_defined", "agreement", "model_top1", "backoff_agreement", "rule_set", "distance")} | {
+    return {k: a.get(k) for k in ("n_predictions", "n_defined", "agreement", "model_top1", "backoff_agreement", "rule_set", "distance",
+                                  "split")} | {
         "timings": res.timings, "index_tokens": res.index_tokens}
 
 

@@ -142,6 +142,8 @@ class RulesOverview:
     hist_counts: tuple[int, ...]
     by_rule: tuple[RuleCount, ...]
     sequences: tuple[SequenceSummary, ...]
+    split: str = "story"  # training text: whole stories or paragraphs (runs before the option: whole stories)
+    split_source: str = "not recorded (runs before the option counted whole stories)"
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,8 @@ def rules_overview(s: Session, model: str, run_id: int | None = None, max_sequen
         best_distance_mean_by_length=tuple(a["best_distance_mean_by_length"]),
         hist_edges=tuple(a["dist_hist"]["edges"]), hist_counts=tuple(a["dist_hist"]["counts"]),
         by_rule=tuple(RuleCount(x["rule"], x["template"], x["count"], x["agreement"]) for x in a["by_rule"]),
-        sequences=summaries,
+        sequences=summaries, split=a.get("split", "story"),
+        split_source=a.get("split_source", "not recorded (runs before the option counted whole stories)"),
     )
 
 
