@@ -63,5 +63,5 @@ def param_int(name: str, default: int | None = None, lo: int | None = None, hi: 
 
 def bad_param(message: str):
     st.error(message)
-    st.page_link("views/overview.py", label="Go to the model overview", icon="🏠")
+    st.page_link("views/overview.py", label="Go to the model overview")
     st.stop()

@@ -124,4 +124,4 @@ if len(df):
                  column_config={"link": st.column_config.LinkColumn("open", display_text="story view"),
                                 "agreement": st.column_config.NumberColumn(format="%.3f"),
                                 "mean_distance": st.column_config.NumberColumn(format="%.3f")})
-st.page_link("views/story.py", label="Story view / live prompt", icon="🔎")
+st.page_link("views/story.py", label="Story view / live prompt →")
