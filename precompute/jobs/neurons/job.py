@@ -49,6 +49,7 @@ blocks on threads (``backend="numba"``, the CPU default), or torch ops on the mo
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -306,6 +307,7 @@ class NeuronsAccumulator:
 
     def _update_numba(self, cap: Captured, tb: "_TokenBatch") -> None:
         self._sync()
+        _compiling([scan.update_block], "preparing the update kernel")
         cb, ca = self.cfg.ctx_before, self.cfg.ctx_after
         tord = np.argsort(tb.tt, kind="stable")
         tord = tord[tb.tt[tord] >= 0]
@@ -367,6 +369,7 @@ class NeuronsAccumulator:
         from .tables import SAMPLE_DTYPE
 
         self._sync()
+        _compiling([scan.finish_hist, scan.top_tokens, scan.contexts], "preparing the finishing kernel")
         if self.n == 0:
             raise ValueError("the corpus has no tokens to score (every sequence is only a BOS)")
         cfg = self.cfg
@@ -434,6 +437,16 @@ class NeuronsAccumulator:
                 logit_bottom_seen_values=-seen_bot[1],
             ))
         return res
+
+
+def _compiling(kernels, what: str) -> None:
+    """One line on stderr when a compiled kernel is not yet loaded in this process: the first run
+    compiles it (tens of seconds, during which a progress bar would not move)."""
+    if any(not k.signatures for k in kernels):
+        from tqdm import tqdm
+
+        tqdm.write(f"neurons: {what}; the first run compiles it with numba (up to 2 minutes on a busy 2-core "
+                   "machine), later runs load it from numba's cache", file=sys.stderr)
 
 
 def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
