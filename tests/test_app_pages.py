@@ -180,3 +180,44 @@ def test_logit_effects_only_seen_tokens_unless_asked(db):
     assert box.value is False and all(t.count > 0 for t in p.logit_top_seen)
     at = open_page("views/neuron.py", model=MODEL, layer=1, neuron=7, alltok=1)
     assert next(c for c in at.checkbox if c.label == "include tokens never seen in the corpus").value is True
+
+
+def test_search_neurons_by_a_phrase(db, lm260k):
+    """The overview's phrase search against plain forward hooks on the same tokens."""
+    import numpy as np
+    import torch
+
+    from precompute.jobs.neurons.tables import layer_neurons
+    from precompute.store.db import open_store
+
+    phrase = "The little dog barked at the cat."
+    with open_store(db, create=False).session() as s:
+        summ = layer_neurons(s, MODEL)
+    ids = lm260k.encode(phrase, prepend_bos=True)
+    seen = {}
+    hooks = [lm260k.model.model.layers[l].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, l=l: seen.__setitem__(l, a[0][0, 1:].numpy().copy())) for l in range(5)]
+    try:
+        with torch.no_grad():
+            lm260k.model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    scored = []
+    for x in summ:
+        best = float(seen[x.layer][:, x.neuron].max())
+        if x.max > 0:
+            scored.append((best / x.max, x.layer, x.neuron, best))
+    scored.sort(key=lambda t: (-t[0], t[1], t[2]))
+    at = open_page("views/overview.py", model=MODEL, phrase=phrase)
+    assert not errors(at)
+    table = next(df.value for df in at.dataframe if "of corpus max" in df.value.columns or "share" in df.value.columns)
+    assert list(table["neuron"][:5]) == [f"L{l} N{n}" for _, l, n, _ in scored[:5]]
+    np.testing.assert_allclose(table["act"][:5], [b for *_, b in scored[:5]], atol=1e-4)
+
+
+def test_lowercase_note_only_for_a_lowercasing_tokenizer(stories260k_path):
+    from app.state import lowercase_note
+
+    assert "lowercases" in lowercase_note(str(ROOT / "data" / "models" / "tinystories-4l"))
+    assert lowercase_note(str(stories260k_path)) is None

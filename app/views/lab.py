@@ -177,6 +177,9 @@ def main() -> None:
         help=f"Prompts longer than {MAX_TOKENS} tokens (or the model's context) are cut.",
         max_chars=limits.MAX_PROMPT_CHARS,
     )
+    for m_ in dict.fromkeys([st.session_state["lab_model"], st.session_state["lab_model2"]]):
+        if m_ != NONE and state.lowercase_note(choices[m_]):
+            st.caption(f"{m_}: {state.lowercase_note(choices[m_])}")
     st.caption(f"{limits.describe()} The model reads at most {MAX_TOKENS} tokens.")
     if clipped:
         st.warning(clipped)

@@ -19,7 +19,7 @@ import streamlit as st
 from app import cached, limits, render, url
 from app.hypothesis import MAX_PATTERN, MODES, Hypothesis, bin_shares, explained_share
 from app.live import neuron_on_text
-from app.state import DB_URL, bad_param, get_model, param_int
+from app.state import DB_URL, bad_param, get_model, note_lowercase, param_int
 from precompute.models import ModelError
 from precompute.store.queries import NotFound
 
@@ -322,6 +322,7 @@ with st.form("live"):
     prompt = st.text_area("Prompt", prompt, placeholder="Once upon a time, there was a little dog…", height=90,
                           max_chars=limits.MAX_PROMPT_CHARS)
     submitted = st.form_submit_button("Run")
+note_lowercase(info.source)
 st.caption(limits.describe())
 url.sync("prompt", prompt, "")
 if clipped:

@@ -17,7 +17,7 @@ import streamlit as st
 from app import cached, limits, url
 from app.render import tokens_html
 from app.retrieval_views import show_diverse_examples
-from app.state import DB_URL, bad_param, get_model, get_store, param_int
+from app.state import DB_URL, bad_param, get_model, get_store, note_lowercase, param_int
 from precompute.models import ModelError
 from precompute.retrieval.sift import DEFAULT_LAMBDA
 from precompute.retrieval.support import HIGH_VARIANCE
@@ -106,6 +106,7 @@ st.caption(
     "its tokens, centred on the corpus mean and normalised."
 )
 
+note_lowercase(info.source)
 with st.form("query"):
     c1, c2, c3, c4 = st.columns([6, 1, 1, 1])
     new_prompt = c1.text_input("Prompt", prompt, max_chars=limits.MAX_PROMPT_CHARS)
