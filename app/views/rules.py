@@ -95,7 +95,7 @@ with right:
         alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
             x=alt.X("N:O", title="rule set: templates of length ≤ N"),
             y=alt.Y("value:Q", title="fraction", scale=alt.Scale(domain=[0, 1])),
-            color=alt.Color("what:N", title=None, legend=alt.Legend(orient="bottom")),
+            color=alt.Color("what:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0)),
             tooltip=["N", alt.Tooltip("value:Q", format=".3f"), "what"],
         ),
         use_container_width=True,
