@@ -190,6 +190,7 @@ tdf = pd.DataFrame(
 table = st.dataframe(
     tdf,
     hide_index=True,
+    width="stretch",
     on_select="rerun",
     selection_mode="single-row",
     key=f"table-{model}-{layer}",
