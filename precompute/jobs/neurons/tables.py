@@ -242,6 +242,11 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
     row = _stats_row(s, run, int(layer), int(neuron), info)
     voc = vocab(s, model)
     special = set(info.special_ids)
+    table = [Token(i, text, i in special) for i, text in enumerate(voc)]  # one Token per id, looked up below
+
+    def tok_(t) -> Token:
+        t = int(t)
+        return table[t] if 0 <= t < len(table) else _token(t, voc, special)
     ex_rows = s.scalars(
         select(NeuronExampleRow)
         .where(NeuronExampleRow.run_id == run.id, NeuronExampleRow.layer == layer, NeuronExampleRow.neuron == neuron)
@@ -257,7 +262,7 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
         examples[e.side].append(
             ExampleView(
                 rank=e.rank, seq_idx=e.seq_idx, story_id=int(story.get(e.seq_idx, -1)), pos=e.pos, act=e.act,
-                win_start=e.win_start, tokens=tuple(_token(t, voc, special) for t in ids),
+                win_start=e.win_start, tokens=tuple(tok_(t) for t in ids),
                 acts=tuple(float(a) for a in acts),
             )
         )
@@ -267,9 +272,9 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
     for rec in samples:
         ctx = [int(t) for t in rec["ctx"][: rec["n_ctx"]]]
         at = int(rec["at"])
-        before = "".join(_token(t, voc, special).text for t in ctx[:at])
-        after = "".join(_token(t, voc, special).text for t in ctx[at + 1 :])
-        tok = _token(ctx[at], voc, special)
+        before = "".join(tok_(t).text for t in ctx[:at])
+        after = "".join(tok_(t).text for t in ctx[at + 1 :])
+        tok = tok_(ctx[at])
         spectrum.append(
             SpectrumSample(
                 seq_idx=int(rec["seq"]), pos=int(rec["pos"]), act=float(rec["act"]), bin=int(rec["bin"]), token=tok,
@@ -278,7 +283,7 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
         )
 
     def effects(pairs):
-        return tuple(TokenScore(_token(t, voc, special), v, c) for t, v, c in pairs)
+        return tuple(TokenScore(tok_(t), v, c) for t, v, c in pairs)
 
     return NeuronPage(
         run=run,
@@ -291,7 +296,7 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
         bos_act=row.bos_act,
         histogram=Histogram(tuple(float(x) for x in edges), tuple(int(c) for c in counts)),
         spectrum=tuple(spectrum),
-        top_tokens=tuple(TokenScore(_token(t, voc, special), m, c) for t, m, c in row.top_tokens),
+        top_tokens=tuple(TokenScore(tok_(t), m, c) for t, m, c in row.top_tokens),
         logit_top=effects(row.logit_top),
         logit_bottom=effects(row.logit_bottom),
         logit_top_seen=effects(row.logit_top_seen),
