@@ -49,7 +49,9 @@ st.dataframe(
          for m in models]
     ),
     hide_index=True,
-    column_config={"parameters": st.column_config.NumberColumn(format="localized")},
+    width="stretch",
+    column_config={"parameters": st.column_config.NumberColumn(format="localized"),
+                   "source": st.column_config.TextColumn("source", width="large")},
 )
 names = [m.name for m in models]
 model = url.get_str("model") or names[0]
