@@ -40,7 +40,13 @@ on how the corpus was cut into shards or batches (floating-point sums aside, see
    frequent tokens of the first shard (ties by id; ``prepare``) are tracked, and the result says so
    (``top_tokens_among``).
 6. **Direct logit effects**: the top and bottom entries of ``W_out[neuron] @ W_U`` (final norm
-   folded), at ``finish``.
+   folded), at ``finish``: among all tokens, and among the tokens seen in the corpus (a tracked
+   token with a count above zero; scored tokens are exactly the prediction targets).
+7. **Bottom-K examples**: definition 1 on the negated activations (lowest first, ties by key),
+   by the same kernels (``scan._top_step`` with ``low``: the histogram floor comes from the low
+   end), so they merge exactly too.
+8. **BOS activation**: each neuron's activation at position 0 of the sequence with the smallest
+   index that has a BOS (every BOS is the same token at the same position); never scored.
 
 The per-batch update is one compiled kernel per layer (``scan.update_block``) run over neuron
 blocks on threads (``backend="numba"``, the CPU default), or torch ops on the model's device
