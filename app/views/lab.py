@@ -522,7 +522,8 @@ def _intervention(lm, name: str, source: str, text: str, a, pos: int, suffix: st
         ])
 
     fmt = {c: st.column_config.NumberColumn(format="%.4f") for c in ("clean p", "ablated p")}
-    fmt.update({c: st.column_config.NumberColumn(format="%+.4f") for c in ("Δ p", "Δ log p")})
+    fmt["Δ p"] = st.column_config.NumberColumn(format="%+.2e")  # small changes stay visible
+    fmt["Δ log p"] = st.column_config.NumberColumn(format="%+.4f")
     st.markdown(f"Clean top-{r.top_k} next tokens at position {pos}, before and after")
     st.dataframe(table(r.clean_top(pos)), hide_index=True, column_config=fmt, width="stretch")
     up, down = r.most_changed(pos, k=5)
