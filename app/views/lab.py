@@ -253,6 +253,15 @@ def _model_panel(name: str, source: str, text: str, suffix: str, params: dict) -
             "Selected token", options=list(range(a.n)), key=pos_key,
             format_func=lambda p: f"{p}: {a.token_strs[p]!r}",
         )
+        pick_key = f"lab_pick{suffix}"
+
+        def picked(pick_key=pick_key, pos_key=pos_key):  # a clicked token becomes the selected one
+            if st.session_state.get(pick_key) is not None:
+                st.session_state[pos_key] = st.session_state[pick_key]
+                st.session_state[pick_key] = None
+
+        st.pills("…or click a token", options=list(range(a.n)), key=pick_key, on_change=picked,
+                 format_func=lambda p: visible_text(a.token_strs[p])[0])
     if pos != a.n - 1 or suffix:
         params[f"pos{suffix}"] = pos
 
