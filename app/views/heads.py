@@ -120,7 +120,7 @@ tdf = pd.DataFrame(
         for h in ov.heads
     ]
 )
-num = lambda title: st.column_config.NumberColumn(title, format="%.3f", width="small")  # noqa: E731
+num = lambda title: st.column_config.NumberColumn(title, format="%.3f")  # noqa: E731
 table = st.dataframe(
     tdf,
     hide_index=True,
@@ -130,7 +130,7 @@ table = st.dataframe(
     key=f"heads-table-{model}",
     column_config={
         "link": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
-        "roles": st.column_config.TextColumn("roles", width="medium"),
+        "roles": st.column_config.TextColumn("roles", width="small"),
         **{k: num(hq.SCORE_TITLES[k]) for k in hq.SCORE_TITLES},
     },
 )
