@@ -130,7 +130,7 @@ def live_slot(gate: Gate | None = None) -> Iterator[None]:
     box = st.empty()
 
     def show(ahead: int, running: int) -> None:
-        box.info(f"Waiting for the model: {running} live runs going, {ahead} ahead of you.", icon="⏳")
+        box.info(f"Waiting for the model: {running} live runs going, {ahead} ahead of you.")
 
     try:
         with gate.hold(on_wait=show):

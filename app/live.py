@@ -73,3 +73,38 @@ def head_on_text(lm: LoadedModel, text: str, layer: int, head: int, prepend_bos:
         ids=tuple(ids), tokens=tuple(lm.token_strs(ids)), special=tuple(i in special for i in ids),
         pattern=patterns[int(layer)][0, int(head)].float().cpu().numpy(),
     )
+
+
+@dataclass(frozen=True)
+class PhraseHit:
+    layer: int
+    neuron: int
+    act: float  # its highest activation on the phrase's tokens (BOS left out)
+    share: float  # act / the neuron's corpus max (nan when that max is <= 0)
+    token: str  # the token where it is highest
+
+
+def neurons_on_phrase(lm: LoadedModel, text: str, corpus_max: dict[int, np.ndarray], prepend_bos: bool | None = None,
+                      limit: int = 30) -> tuple[tuple[str, ...], list[PhraseHit]]:
+    """The neurons that fire most on any token of ``text``: per neuron its highest activation over
+    the text's tokens (BOS, never scored in the corpus, left out), ranked by that value as a share
+    of the neuron's corpus max (``corpus_max[layer][neuron]``), then by the value. Returns the
+    tokens and the best ``limit`` neurons."""
+    ids = lm.encode(text, prepend_bos=prepend_bos)[: lm.n_ctx]
+    first = 1 if ids and ids[0] in lm.special_ids and ids[0] == lm.bos_id else 0
+    tokens = tuple(lm.token_strs(ids[first:]))
+    if not tokens:
+        return (), []
+    layers = sorted(corpus_max)
+    acts = neuron_acts(lm, torch.tensor([ids], dtype=torch.long), layers)
+    rows = []
+    for layer in layers:
+        a = acts[layer][0, first:].float().cpu().numpy()  # [pos, d_mlp]
+        best_pos = a.argmax(0)
+        best = a.max(0)
+        mx = np.asarray(corpus_max[layer], np.float64)
+        share = np.where(mx > 0, best / np.where(mx > 0, mx, 1.0), np.nan)
+        for n in range(a.shape[1]):
+            rows.append(PhraseHit(layer, n, float(best[n]), float(share[n]), tokens[int(best_pos[n])]))
+    rows.sort(key=lambda h: (-(h.share if h.share == h.share else -np.inf), -h.act, h.layer, h.neuron))
+    return tokens, rows[:limit]

@@ -63,5 +63,28 @@ def param_int(name: str, default: int | None = None, lo: int | None = None, hi: 
 
 def bad_param(message: str):
     st.error(message)
-    st.page_link("views/overview.py", label="Go to the model overview", icon="🏠")
+    st.page_link("views/overview.py", label="Go to the model overview")
     st.stop()
+
+
+@st.cache_data(show_spinner=False)
+def lowercase_note(source: str) -> str | None:
+    """A note for every box where the user types text for this model, when its tokenizer lowercases
+    (a ``Lowercase`` normalizer in its tokenizer.json); None otherwise or when there is no such file."""
+    import json
+    from pathlib import Path
+
+    try:
+        norm = json.loads((Path(source) / "tokenizer.json").read_text()).get("normalizer")
+    except (OSError, ValueError):
+        return None
+    if '"Lowercase"' in json.dumps(norm):
+        return "This model lowercases text: what you type is lowercased before the model sees it."
+    return None
+
+
+def note_lowercase(source: str) -> None:
+    """The lowercase note as a caption under a text box (nothing for a model that keeps case)."""
+    note = lowercase_note(source)
+    if note:
+        st.caption(note)

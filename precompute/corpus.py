@@ -178,9 +178,28 @@ def load_corpus(spec: str, separator: Separator = "auto", max_stories: int | Non
     return read_text_corpus(spec, separator, max_stories)
 
 
-def sample_corpus(lm, n_stories: int = 200, max_new_tokens: int = 200, seed: int = 0, prompt: str = "") -> Corpus:
-    """Stories sampled from ``lm`` (temperature 1, fixed seed): the offline fallback corpus."""
+class _StepBar:
+    """A ``generate`` streamer that moves a progress bar one step per generated token position."""
+
+    def __init__(self, bar, n: int):
+        self.bar, self.n, self.first = bar, n, True
+
+    def put(self, value) -> None:
+        if self.first:  # generate hands over the prompt first
+            self.first = False
+            return
+        self.bar.update(self.n)
+
+    def end(self) -> None:
+        self.first = True
+
+
+def sample_corpus(lm, n_stories: int = 200, max_new_tokens: int = 200, seed: int = 0, prompt: str = "",
+                  progress: bool = True) -> Corpus:
+    """Stories sampled from ``lm`` (temperature 1, fixed seed): the offline fallback corpus. With
+    ``progress``, a bar on stderr counts sampled token positions (at most ``max_new_tokens`` a story)."""
     import torch
+    from tqdm import tqdm
 
     from .models import model_name
 
@@ -191,10 +210,13 @@ def sample_corpus(lm, n_stories: int = 200, max_new_tokens: int = 200, seed: int
     stories: list[str] = []
     batch = 50
     prefix = lm.encode(prompt, prepend_bos=True) if prompt else [bos]
-    with torch.inference_mode():
+    bar = tqdm(total=n_stories * max_new_tokens, desc=f"sampling {n_stories} stories", unit="tok", unit_scale=True,
+               disable=not progress)
+    with torch.inference_mode(), bar:
         while len(stories) < n_stories:
             n = min(batch, n_stories - len(stories))
             ids = torch.tensor([prefix] * n, device=lm.device)
+            start = bar.n
             out = lm.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -204,7 +226,9 @@ def sample_corpus(lm, n_stories: int = 200, max_new_tokens: int = 200, seed: int
                 max_new_tokens=max_new_tokens,
                 eos_token_id=lm.tokenizer.eos_token_id,
                 pad_token_id=lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else bos,
+                streamer=_StepBar(bar, n),
             )
+            bar.update(start + n * max_new_tokens - bar.n)  # a batch whose stories all ended early
             for row in out[:, len(prefix):].tolist():
                 # cut at the first end-of-text / BOS the model produced
                 cut = [i for i, t in enumerate(row) if t in (bos, lm.tokenizer.eos_token_id)]

@@ -287,6 +287,7 @@ class TokenChange:
     ablated_logprob: float
     d_logprob: float
     d_logit: float
+    d_prob: float = 0.0  # ablated p - clean p: the change weighted by probability (most_changed ranks by it)
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,7 @@ class AblationResult:
         return TokenChange(
             id=int(t), text=self.vocab[int(t)], clean_logprob=float(a[p, t]), ablated_logprob=float(b[p, t]),
             d_logprob=float(b[p, t] - a[p, t]), d_logit=float(self.ablated_logits[p, t] - self.clean_logits[p, t]),
+            d_prob=float(np.exp(b[p, t]) - np.exp(a[p, t])),
         )
 
     def _pos(self, pos: int) -> int:
@@ -380,13 +382,15 @@ class AblationResult:
         return [self._change(p, t, a, b) for t in order]
 
     def most_changed(self, pos: int, k: int | None = None) -> tuple[list[TokenChange], list[TokenChange]]:
-        """Tokens whose log-prob at ``pos`` rose most and fell most under the ablation."""
+        """Tokens whose probability at ``pos`` rose most and fell most under the ablation, ranked
+        by the change of probability (``p_ablated - p_clean``), so a token at log p -18 whose log p
+        doubles does not outrank one that lost 0.2 of the mass; only tokens that changed appear."""
         p = self._pos(pos)
         k = k or self.top_k
         a, b = self._logp()
-        d = b[p] - a[p]
-        up = np.argsort(-d, kind="stable")[:k]
-        down = np.argsort(d, kind="stable")[:k]
+        d = np.exp(b[p]) - np.exp(a[p])
+        up = [t for t in np.argsort(-d, kind="stable")[:k] if d[t] > 0]
+        down = [t for t in np.argsort(d, kind="stable")[:k] if d[t] < 0]
         return [self._change(p, t, a, b) for t in up], [self._change(p, t, a, b) for t in down]
 
 

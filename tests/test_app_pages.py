@@ -139,3 +139,85 @@ def test_missing_database_shows_the_build_command(monkeypatch, tmp_path):
         assert any("no database at" in e for e in errors(at)), errors(at)
         assert any("precompute run" in c.value for c in at.code)
         assert not (tmp_path / "absent.db").exists()  # looking never creates a database
+
+
+def test_bottom_examples_bands_bos_and_an_empty_bin(db):
+    """stories260K L0 N66 fires far higher on BOS than on any scored token: the page says so."""
+    from precompute.store.db import open_store
+    from precompute.jobs.neurons.tables import neuron_page
+
+    with open_store(db, create=False).session() as s:
+        p = neuron_page(s, MODEL, 0, 66)
+    assert p.bos_above_max and p.bottom_examples and p.bands
+    empty = next(i for i, c in enumerate(p.histogram.counts) if c == 0)
+    at = open_page("views/neuron.py", model=MODEL, layer=0, neuron=66, bin=empty, hyp="the", log=1)
+    assert not errors(at)
+    html = "".join(h.proto.body for h in at.get("html"))
+    assert html.count('class="example-low"') == min(5, len(p.bottom_examples))
+    assert f"activation <b>{p.bottom_examples[0].act:.3f}</b>" in html
+    assert html.count('class="band-sample"') == sum(len(b.samples) for b in p.bands)
+    assert f"{p.bands[0].samples[0].act:+.3f}" in html
+    warning = " ".join(w.value for w in at.warning)
+    assert f"On BOS this neuron reaches {p.bos_act:.3f}" in warning and f"({p.stats.max:.3f})" in warning
+    assert any(f"asks for bin {empty}, which has no tokens" in i.value for i in at.info)
+    e = p.examples[0]  # the story id and position once; the sequence only when it is another number
+    seq = "" if e.seq_idx == e.story_id else f" (sequence {e.seq_idx})"
+    assert f"story {e.story_id}{seq}, position {e.pos}</div>" in html
+    # previous / next keep the hypothesis and the log scale
+    links = {pl.proto.label: pl.proto.query_string for pl in at.get("page_link")}
+    nxt = next(q for label, q in links.items() if label.endswith("→") and label.startswith("L"))
+    assert "neuron=67" in nxt and "hyp=the" in nxt and "log=1" in nxt and "bin=" not in nxt
+
+
+def test_logit_effects_only_seen_tokens_unless_asked(db):
+    from precompute.store.db import open_store
+    from precompute.jobs.neurons.tables import neuron_page
+
+    with open_store(db, create=False).session() as s:
+        p = neuron_page(s, MODEL, 1, 7)
+    at = open_page("views/neuron.py", model=MODEL, layer=1, neuron=7)
+    box = next(c for c in at.checkbox if c.label == "include tokens never seen in the corpus")
+    assert box.value is False and all(t.count > 0 for t in p.logit_top_seen)
+    at = open_page("views/neuron.py", model=MODEL, layer=1, neuron=7, alltok=1)
+    assert next(c for c in at.checkbox if c.label == "include tokens never seen in the corpus").value is True
+
+
+def test_search_neurons_by_a_phrase(db, lm260k):
+    """The overview's phrase search against plain forward hooks on the same tokens."""
+    import numpy as np
+    import torch
+
+    from precompute.jobs.neurons.tables import layer_neurons
+    from precompute.store.db import open_store
+
+    phrase = "The little dog barked at the cat."
+    with open_store(db, create=False).session() as s:
+        summ = layer_neurons(s, MODEL)
+    ids = lm260k.encode(phrase, prepend_bos=True)
+    seen = {}
+    hooks = [lm260k.model.model.layers[l].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, l=l: seen.__setitem__(l, a[0][0, 1:].numpy().copy())) for l in range(5)]
+    try:
+        with torch.no_grad():
+            lm260k.model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    scored = []
+    for x in summ:
+        best = float(seen[x.layer][:, x.neuron].max())
+        if x.max > 0:
+            scored.append((best / x.max, x.layer, x.neuron, best))
+    scored.sort(key=lambda t: (-t[0], t[1], t[2]))
+    at = open_page("views/overview.py", model=MODEL, phrase=phrase)
+    assert not errors(at)
+    table = next(df.value for df in at.dataframe if "of corpus max" in df.value.columns or "share" in df.value.columns)
+    assert list(table["neuron"][:5]) == [f"L{l} N{n}" for _, l, n, _ in scored[:5]]
+    np.testing.assert_allclose(table["act"][:5], [b for *_, b in scored[:5]], atol=1e-4)
+
+
+def test_lowercase_note_only_for_a_lowercasing_tokenizer(stories260k_path):
+    from app.state import lowercase_note
+
+    assert "lowercases" in lowercase_note(str(ROOT / "data" / "models" / "tinystories-4l"))
+    assert lowercase_note(str(stories260k_path)) is None

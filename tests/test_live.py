@@ -217,8 +217,10 @@ def test_zero_ablating_a_neuron_equals_zeroing_its_weight(lm):
     top = r.clean_top(3)
     assert [c.id for c in top] == torch.topk(lp_c[3], r.top_k).indices.tolist()
     up, down = r.most_changed(3, k=3)
-    d = (lp_a[3] - lp_c[3]).numpy()
-    assert up[0].id == int(d.argmax()) and down[0].id == int(d.argmin())
+    d = (lp_a[3].exp() - lp_c[3].exp()).numpy()  # ranked by the change of probability
+    assert [c.id for c in up] == [int(t) for t in np.argsort(-d, kind="stable")[:3] if d[t] > 0]
+    assert [c.id for c in down] == [int(t) for t in np.argsort(d, kind="stable")[:3] if d[t] < 0]
+    assert up[0].d_prob == pytest.approx(float(d.max()), abs=1e-6) and down[0].d_prob == pytest.approx(float(d.min()), abs=1e-6)
     assert r.mean_loss_change == pytest.approx(-float(want.mean()), rel=1e-3, abs=1e-6)
 
 

@@ -150,6 +150,7 @@ def test_update_block_with_a_small_candidate_buffer(seed, tile):
     B, T, d, K, before = 6, 50, 7, 3, 1
     A = np.maximum(rng.integers(-3, 4, (B, T, d)), 0).astype(np.float32)
     A[:, :, 1] = 2.0
+    A[:, :, 2] = -rng.integers(0, 3, (B, T))  # ties at the low end too
     lengths = rng.integers(2, T + 1, B).astype(np.int64)
     lengths[0] = T
     rkeys = rng.permutation(B).astype(np.int64) * T  # rows out of corpus order
@@ -164,12 +165,16 @@ def test_update_block_with_a_small_candidate_buffer(seed, tile):
     status = scan.update_block(A, r, p, key, hh, (seq_idx[r] << scan.LOC_BITS) | p, np.argsort(hh), np.sort(hh), none,
                                none, np.zeros(1, np.int64),
                                seq_idx, lengths, 0, d, 0, st.lo, st.hi, st.ex, st.mean, st.m2, st.npos, st.bins, st.rh,
-                               st.ra, st.rloc, *st.top_arrays(), st.tsum, M, before, before, tile)
+                               st.ra, st.rloc, *st.top_arrays(), *st.bottom_arrays(), st.tsum, M, before, before,
+                               tile)
     assert status == 0
     for i in range(d):
         x = A[r, p, i]
         kept = _greedy(x, keys2d[r, p], r, p, before, K)
         assert st.tk[i, : st.tn[i]].tolist() == [int(keys2d[r[q], p[q]]) for q in kept]
+        low = _greedy(-x, keys2d[r, p], r, p, before, K)  # the bottom list: the same rule on -x
+        assert st.bk[i, : st.bn[i]].tolist() == [int(keys2d[r[q], p[q]]) for q in low]
+        assert (-st.bv[i, : st.bn[i]]).tolist() == [float(x[q]) for q in low]
         assert st.bins[i, :, 0].sum() == len(x) and st.npos[i] == (x > 0).sum()
         x64 = x.astype(np.float64)
         np.testing.assert_allclose(st.mean[i], x64.mean(), rtol=1e-12, atol=1e-12)

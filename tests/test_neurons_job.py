@@ -29,12 +29,12 @@ def _independent_acts(lm, seqs, layer: int) -> list[np.ndarray]:
     return out
 
 
-def _greedy_top(acts_per_seq, neuron, k, before, first):
+def _greedy_top(acts_per_seq, neuron, k, before, first, lowest=False):
     cands = []
     for s, a in enumerate(acts_per_seq):
         for p in range(first, a.shape[0]):
             cands.append((float(a[p, neuron]), s, p))
-    cands.sort(key=lambda c: -c[0])
+    cands.sort(key=lambda c: c[0] if lowest else -c[0])
     kept = []
     for v, s, p in cands:
         if any(ks == s and abs(kp - p) <= before for _, ks, kp in kept):
@@ -64,6 +64,26 @@ def test_top_examples_match_plain_hooks(lm260k, seqs260k, result, layer, neurons
             ref = acts[e.seq][e.win_start : e.win_start + len(e.acts), n]
             np.testing.assert_allclose(e.acts, ref, atol=1e-4)
             assert e.pos - e.win_start == min(cfg.ctx_before, e.pos)
+
+
+@pytest.mark.parametrize("layer,neurons", [(2, [5, 33]), (4, [42])])
+def test_bottom_examples_and_bos_match_plain_hooks(lm260k, seqs260k, result, layer, neurons):
+    """Bottom examples: the lowest activations by a plain sort (same overlap rule); BOS: the hook's
+    value at position 0, never in the scored stats."""
+    acts = _independent_acts(lm260k, seqs260k, layer)
+    L = next(x for x in result.layers if x.layer == layer)
+    cfg = result.config
+    for n in neurons:
+        want = _greedy_top(acts, n, cfg.top_k, cfg.ctx_before, seqs260k.first_scored(), lowest=True)
+        got = L.bottom[n]
+        assert [(e.seq, e.pos) for e in got] == [(s, p) for _, s, p in want]
+        np.testing.assert_allclose([e.act for e in got], [v for v, _, _ in want], atol=1e-4)
+        assert got[0].act == L.min[n]
+        for e in got:
+            np.testing.assert_allclose(e.acts, acts[e.seq][e.win_start : e.win_start + len(e.acts), n], atol=1e-4)
+        np.testing.assert_allclose(L.bos[n], acts[0][0, n], atol=1e-4)
+    bos_all = np.array([a[0] for a in acts])  # every sequence's BOS: the same token, the same activation
+    np.testing.assert_allclose(bos_all, np.broadcast_to(L.bos, bos_all.shape), atol=1e-4)
 
 
 def test_stats_histogram_and_top_tokens(lm260k, seqs260k, result):
@@ -111,7 +131,7 @@ def test_stats_histogram_and_top_tokens(lm260k, seqs260k, result):
         assert r["ctx"][r["at"]] == seqs260k.ids[r["seq"]][r["pos"]]
 
 
-def test_logit_effects(lm260k, result):
+def test_logit_effects(lm260k, seqs260k, result):
     layer, n = 1, 7
     m = lm260k.model
     w_out = m.model.layers[layer].mlp.down_proj.weight[:, n]  # [d_model]
@@ -121,6 +141,13 @@ def test_logit_effects(lm260k, result):
     np.testing.assert_array_equal(L.logit_top[n], top.indices.numpy())
     np.testing.assert_allclose(L.logit_top_values[n], top.values.numpy(), atol=1e-5)
     np.testing.assert_array_equal(L.logit_bottom[n], torch.topk(-eff, 10).indices.numpy())
+    # the same among tokens seen in the corpus (scored tokens: every one is also a prediction target)
+    seen = np.zeros(eff.shape[0], bool)
+    seen[np.unique(np.concatenate([ids[1:] for ids in seqs260k.ids]))] = True
+    effs = eff.detach().numpy()
+    for got, sign in ((L.logit_top_seen[n], 1), (L.logit_bottom_seen[n], -1)):
+        want = sorted(np.nonzero(seen)[0], key=lambda t: -sign * effs[t])[:10]
+        assert list(got) == want and seen[got].all()
 
 
 def test_positions_match_raw_token_ids(lm260k, seqs260k, valid_corpus):
@@ -150,3 +177,10 @@ def test_stored_page_round_trip(neurons_db, lm260k):
     if ex.win_start == 0:
         assert ex.tokens[0].special and ex.tokens[0].text == "<s>"
     assert [e.act for e in page.examples] == sorted((e.act for e in page.examples), reverse=True)
+    assert [e.act for e in page.bottom_examples] == sorted(e.act for e in page.bottom_examples)
+    assert page.bottom_examples[0].act == pytest.approx(page.stats.min) and len(page.bottom_examples) == 10
+    assert page.bos_act is not None and page.bos_above_max == (page.bos_act > page.stats.max)
+    assert all(t.count > 0 for t in page.logit_top_seen + page.logit_bottom_seen)
+    assert [b.lo for b in page.bands] == sorted((b.lo for b in page.bands), reverse=True)
+    for b in page.bands:
+        assert 0 < len(b.samples) <= 5 and all(b.lo <= x.act < b.hi or x.act == page.stats.max for x in b.samples)

@@ -97,13 +97,20 @@ def check_layer_against_reference(L, x, key, seq, pos, toks, acts_of, cfg, hashe
         rec = L.spectrum[n]
         got = [(int(r["bin"]), int(r["seq"]), int(r["pos"]), float(r["act"])) for r in rec]
         assert got == ref_spectrum(v, bars, hashes, seq, pos), f"neuron {n}: spectrum"
-        kept = ref_top(v, key, seq, pos, cfg.top_k, cfg.ctx_before)
-        ex = L.examples[n]
-        assert [(e_.seq, e_.pos, e_.act) for e_ in ex] == [(int(seq[j]), int(pos[j]), float(v[j])) for j in kept]
-        for e_ in ex:
-            a = acts_of(e_.seq)
-            assert e_.win_start == max(0, e_.pos - cfg.ctx_before)
-            np.testing.assert_array_equal(e_.acts, a[e_.win_start : min(len(a), e_.pos + cfg.ctx_after + 1), n])
+        hs = np.array([h ^ (1 << 63) for h in hashes], np.uint64).view(np.int64)  # signed order
+        assert [int(r["hash"]) for r in rec] == [int(hs[np.nonzero((seq == r["seq"]) & (pos == r["pos"]))[0][0]])
+                                                 for r in rec], f"neuron {n}: sample hashes"
+        check_bands(L, n, v, bars, edges, counts, hs, seq, pos)
+        # top examples, and bottom ones: the same rule on the negated activations
+        for table, vals in ((L.examples, v), (L.bottom, -v)):
+            kept = ref_top(vals, key, seq, pos, cfg.top_k, cfg.ctx_before)
+            ex = table[n]
+            assert [(e_.seq, e_.pos, e_.act) for e_ in ex] == [(int(seq[j]), int(pos[j]), float(v[j])) for j in kept]
+            for e_ in ex:
+                a = acts_of(e_.seq)
+                assert e_.win_start == max(0, e_.pos - cfg.ctx_before)
+                np.testing.assert_array_equal(e_.acts, a[e_.win_start : min(len(a), e_.pos + cfg.ctx_after + 1), n])
+        assert L.bos[n] == acts_of(0)[0, n], f"neuron {n}: BOS of the first sequence"
         v64 = v.astype(np.float64)
         np.testing.assert_allclose(L.mean[n], v64.mean(), rtol=1e-12, atol=1e-12 * max(1.0, np.abs(v64).max()))
         np.testing.assert_allclose(L.std[n], v64.std(), rtol=1e-9, atol=1e-12 * max(1.0, np.abs(v64).max()))
@@ -115,12 +122,37 @@ def check_layer_against_reference(L, x, key, seq, pos, toks, acts_of, cfg, hashe
         np.testing.assert_allclose(L.top_token_means[n][: len(best)], [means[t] for t in best], rtol=1e-6, atol=1e-6)
 
 
+def check_bands(L, n, v, bars, edges, counts, hs, seq, pos):
+    """``quantile_bands`` from the stored samples against the definition over all tokens: per
+    band, the PER_BAND tokens with the smallest hashes among every token of the band's bars."""
+    from collections import namedtuple
+
+    from precompute.jobs.neurons.tables import N_BANDS, PER_BAND, quantile_bands
+
+    Smp = namedtuple("Smp", "seq pos act")
+    rec = L.spectrum[n]
+    got = quantile_bands(edges, counts, rec["bin"], rec["hash"], [Smp(int(r["seq"]), int(r["pos"]), float(r["act"]))
+                                                                 for r in rec], float(v.max()))
+    vmax = float(v.max())
+    want = {}
+    for b in range(len(counts)):
+        if vmax > 0 and edges[b + 1] > 0 and counts[b] > 0:
+            want.setdefault(min(N_BANDS - 1, int(N_BANDS * max(edges[b], 0.0) / vmax)), []).append(b)
+    assert len(got) == len(want), f"neuron {n}: bands"
+    for band, g in zip(sorted(want, reverse=True), got):
+        members = np.nonzero(np.isin(bars, want[band]))[0]
+        assert g.count == len(members) and (g.lo, g.hi) == (edges[want[band][0]], edges[want[band][-1] + 1])
+        pick = members[np.argsort(hs[members], kind="stable")][:PER_BAND]
+        assert sorted((s.seq, s.pos) for s in g.samples) == sorted((int(seq[j]), int(pos[j])) for j in pick)
+        assert [s.act for s in g.samples] == sorted((float(v[j]) for j in pick), reverse=True)
+
+
 def assert_same(r1, r2, exact_floats: bool = False):
     """Two results of the same job: identical except float sums (1e-12)."""
     assert r1.n_scored == r2.n_scored and r1.top_tokens_among == r2.top_tokens_among
     for a, b in zip(r1.layers, r2.layers, strict=True):
         for name in ("max", "min", "frac_pos", "hist_exp", "hist_k0", "hist_group", "top_tokens", "top_token_counts",
-                     "logit_top", "logit_bottom"):
+                     "logit_top", "logit_bottom", "logit_top_seen", "logit_bottom_seen", "bos"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
         for name in ("mean", "std", "top_token_means"):
             if exact_floats:
@@ -129,11 +161,12 @@ def assert_same(r1, r2, exact_floats: bool = False):
                 np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-12, err_msg=name)
         for x, y in zip(a.hist + a.hist_edges + a.spectrum, b.hist + b.hist_edges + b.spectrum, strict=True):
             np.testing.assert_array_equal(x, y)
-        for name in ("offsets", "seq", "pos", "act", "win_start", "win_len"):
-            np.testing.assert_array_equal(getattr(a.examples, name), getattr(b.examples, name), err_msg=name)
-        for e in range(len(a.examples.act)):
-            w = a.examples.win_len[e]
-            np.testing.assert_array_equal(a.examples.win[e, :w], b.examples.win[e, :w])
+        for ta, tb in ((a.examples, b.examples), (a.bottom, b.bottom)):
+            for name in ("offsets", "seq", "pos", "act", "win_start", "win_len"):
+                np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
+            for e in range(len(ta.act)):
+                w = ta.win_len[e]
+                np.testing.assert_array_equal(ta.win[e, :w], tb.win[e, :w])
 
 
 # ------------------------------------------------------------------ stories260K

@@ -13,7 +13,7 @@ import streamlit as st
 
 from app import cached, limits, render, url
 from app.live import head_on_text
-from app.state import DB_URL, bad_param, get_model, param_int
+from app.state import DB_URL, bad_param, get_model, note_lowercase, param_int
 from precompute.models import ModelError
 from precompute.jobs.heads import tables as hq
 from precompute.store.queries import NotFound
@@ -149,6 +149,7 @@ with st.form("live"):
     prompt = st.text_area("Prompt", prompt, placeholder="Once upon a time, Lily saw a dog. Lily said hi to the dog.", height=90,
                           max_chars=limits.MAX_PROMPT_CHARS)
     st.form_submit_button("Run")
+note_lowercase(info.source)
 st.caption(limits.describe())
 url.sync("prompt", prompt, "")
 if clipped:

@@ -124,11 +124,13 @@ num = lambda title: st.column_config.NumberColumn(title, format="%.3f")  # noqa:
 table = st.dataframe(
     tdf,
     hide_index=True,
+    width="stretch",
     on_select="rerun",
     selection_mode="single-row",
     key=f"heads-table-{model}",
     column_config={
-        "link": st.column_config.LinkColumn("open", display_text="open ↗"),
+        "link": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
+        "roles": st.column_config.TextColumn("roles", width="small"),
         **{k: num(hq.SCORE_TITLES[k]) for k in hq.SCORE_TITLES},
     },
 )

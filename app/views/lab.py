@@ -13,11 +13,12 @@ from html import escape as html_escape
 from urllib.parse import urlencode
 
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from app import limits, state
-from app.render import color, tokens_html
+from app.render import color, tokens_html, visible_text
 from precompute.live import (
     ABLATION_KINDS,
     ABLATION_MODES,
@@ -177,6 +178,9 @@ def main() -> None:
         help=f"Prompts longer than {MAX_TOKENS} tokens (or the model's context) are cut.",
         max_chars=limits.MAX_PROMPT_CHARS,
     )
+    for m_ in dict.fromkeys([st.session_state["lab_model"], st.session_state["lab_model2"]]):
+        if m_ != NONE and state.lowercase_note(choices[m_]):
+            st.caption(f"{m_}: {state.lowercase_note(choices[m_])}")
     st.caption(f"{limits.describe()} The model reads at most {MAX_TOKENS} tokens.")
     if clipped:
         st.warning(clipped)
@@ -249,6 +253,15 @@ def _model_panel(name: str, source: str, text: str, suffix: str, params: dict) -
             "Selected token", options=list(range(a.n)), key=pos_key,
             format_func=lambda p: f"{p}: {a.token_strs[p]!r}",
         )
+        pick_key = f"lab_pick{suffix}"
+
+        def picked(pick_key=pick_key, pos_key=pos_key):  # a clicked token becomes the selected one
+            if st.session_state.get(pick_key) is not None:
+                st.session_state[pos_key] = st.session_state[pick_key]
+                st.session_state[pick_key] = None
+
+        st.pills("…or click a token", options=list(range(a.n)), key=pick_key, on_change=picked,
+                 format_func=lambda p: visible_text(a.token_strs[p])[0])
     if pos != a.n - 1 or suffix:
         params[f"pos{suffix}"] = pos
 
@@ -338,14 +351,15 @@ def _attention(a, name: str, pos: int, two: bool) -> None:
             href = link("head", model=name, layer=l, head=h)
             for kp in range(n_keys):
                 rows.append({"layer": l, "head": h, "key": kp, "token": a.token_strs[kp], "weight": float(att[l, h, kp]),
-                             "href": href})
+                             "href": href, "label": f"{kp} {visible_text(a.token_strs[kp])[0]}"})
     df = pd.DataFrame(rows)
     width = max(24, min(150, (330 if two else 800) // n_heads - 8))  # the facet grid must fit its column
     chart = (
         alt.Chart(df)
         .mark_bar()
         .encode(
-            x=alt.X("key:O", axis=None),
+            x=alt.X("label:N", sort=alt.EncodingSortField("key"), title=None,  # "position token", under the last row
+                    axis=alt.Axis(labelAngle=-90, labelFontSize=9, labelLimit=70, labelOverlap=False)),
             y=alt.Y("weight:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(title=None, tickCount=2, labels=False)),
             color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]), legend=None),
             href="href:N",
@@ -513,19 +527,21 @@ def _intervention(lm, name: str, source: str, text: str, a, pos: int, suffix: st
 
     def table(changes):
         return pd.DataFrame([
-            {"token": repr(c.text), "clean log p": c.clean_logprob, "ablated log p": c.ablated_logprob,
-             "Δ log p": c.d_logprob, "Δ logit": c.d_logit} for c in changes
+            {"token": repr(c.text), "clean p": np.exp(c.clean_logprob), "ablated p": np.exp(c.ablated_logprob),
+             "Δ p": c.d_prob, "Δ log p": c.d_logprob} for c in changes
         ])
 
-    fmt = {c: st.column_config.NumberColumn(format="%+.4f") for c in ("clean log p", "ablated log p", "Δ log p", "Δ logit")}
+    fmt = {c: st.column_config.NumberColumn(format="%.4f") for c in ("clean p", "ablated p")}
+    fmt["Δ p"] = st.column_config.NumberColumn(format="%+.2e")  # small changes stay visible
+    fmt["Δ log p"] = st.column_config.NumberColumn(format="%+.4f")
     st.markdown(f"Clean top-{r.top_k} next tokens at position {pos}, before and after")
-    st.dataframe(table(r.clean_top(pos)), hide_index=True, column_config=fmt)
+    st.dataframe(table(r.clean_top(pos)), hide_index=True, column_config=fmt, width="stretch")
     up, down = r.most_changed(pos, k=5)
     u, dn = st.columns(2)
-    u.markdown("Most raised")
-    u.dataframe(table(up), hide_index=True, column_config=fmt)
-    dn.markdown("Most lowered")
-    dn.dataframe(table(down), hide_index=True, column_config=fmt)
+    u.markdown("Most raised (by Δ p, the change of probability)")
+    u.dataframe(table(up), hide_index=True, column_config=fmt, width="stretch")
+    dn.markdown("Most lowered (by Δ p)")
+    dn.dataframe(table(down), hide_index=True, column_config=fmt, width="stretch")
 
 
 main()

@@ -1,8 +1,11 @@
 """Neuron page: ``/neuron?model=M&layer=L&neuron=N``.
 
-Every view state is in the URL, so a copied link reopens the same view: ``page`` (examples page),
-``hyp`` + ``mode`` (hypothesis, ``list``, ``regex`` or ``context``), ``log`` (log-y spectrum), ``bin`` (chosen
-spectrum bin), ``top`` (percent of the activation range counted as "top"), ``prompt`` (live test).
+Every view state is in the URL, so a copied link reopens the same view: ``page`` / ``lpage``
+(page of the top / bottom examples), ``hyp`` + ``mode`` (hypothesis, ``list``, ``regex`` or
+``context``), ``log`` (log-y spectrum), ``bin`` (chosen spectrum bin), ``top`` (percent of the
+activation range counted as "top"), ``alltok`` (logit effects over every token, not only those
+seen in the corpus), ``prompt`` (live test). Previous/next keep the view state that is not about
+one neuron.
 """
 
 from __future__ import annotations
@@ -17,11 +20,60 @@ import streamlit as st
 from app import cached, explanations, limits, render, url
 from app.hypothesis import MAX_PATTERN, MODES, TOP_CHOICES, Hypothesis, bin_shares, explained_share, sample_matches
 from app.live import neuron_on_text
-from app.state import DB_URL, bad_param, get_model, param_int
+from app.state import DB_URL, bad_param, get_model, note_lowercase, param_int
 from precompute.models import ModelError
 from precompute.store.queries import NotFound
 
 PAGE_SIZE = 5
+CARRIED = ("hyp", "mode", "log", "top", "alltok", "prompt")  # view state kept by previous/next/go to
+
+
+def carried() -> dict[str, str]:
+    return {k: st.query_params[k] for k in CARRIED if st.query_params.get(k)}
+
+
+def where(e) -> str:
+    """Where an example is: the story, its sequence only when it differs, the position."""
+    seq = "" if e.seq_idx == e.story_id else f" (sequence {e.seq_idx})"
+    return f"story {e.story_id}{seq}, position {e.pos}"
+
+
+def show_examples(examples, param: str, cls: str, vmax: float) -> None:
+    """One block per example (``cls`` names them), ``PAGE_SIZE`` a page, the page in ``param``."""
+    n_pages = max(1, math.ceil(len(examples) / PAGE_SIZE))
+    page_no = param_int(param, 1, 1, n_pages)
+    head = st.columns([3, 2])
+    head[0].html(render.legend_html(vmax))
+    if n_pages > 1:
+        page_no = head[1].radio(
+            f"{cls} page", list(range(1, n_pages + 1)), index=page_no - 1, horizontal=True,
+            format_func=lambda i: f"{(i - 1) * PAGE_SIZE + 1}-{min(i * PAGE_SIZE, len(examples))}",
+            label_visibility="collapsed",
+        )
+        url.sync(param, page_no, 1)
+    blocks = []
+    for e in examples[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]:
+        tok = e.tokens[e.max_index]
+        blocks.append(
+            f'<div class="{cls}" style="margin:0.2em 0 0.9em 0;"><div style="font-size:0.85em;color:#444;">'
+            f"<b>#{e.rank + 1}</b> · activation <b>{e.act:.3f}</b> on {html.escape(repr(tok.text))} · "
+            f"{where(e)}</div>"
+            + render.tokens_html(
+                [t.text for t in e.tokens], list(e.acts), special=[t.special for t in e.tokens],
+                vmax=vmax, highlight=e.max_index,
+            )
+            + "</div>"
+        )
+    st.html("".join(blocks))
+
+
+def symlog_ticks(top: float) -> list[float]:
+    """0, 1, 10, 100, ... up to ``top``: the ticks a symlog count axis can label readably."""
+    ticks, t = [0.0], 1.0
+    while t <= max(top, 1.0) * 1.0001:
+        ticks.append(t)
+        t *= 10
+    return ticks
 
 
 @st.cache_data(show_spinner="Running the model…", max_entries=128)
@@ -45,7 +97,7 @@ except NotFound as e:
     bad_param(str(e))
 S = p.stats
 # same-page links (previous/next) change the view but not the address bar: write the state back
-st.query_params.update(url.neuron_params(model, layer, neuron))
+st.query_params.update(url.neuron_params(model, layer, neuron, **carried()))
 
 # -------------------------------------------------------------------------------- header
 st.title(f"{model} · L{layer} N{neuron}")
@@ -60,16 +112,7 @@ total = p.n_layers * p.d_mlp
 idx = layer * p.d_mlp + neuron
 prev_l, prev_n = divmod((idx - 1) % total, p.d_mlp)
 next_l, next_n = divmod((idx + 1) % total, p.d_mlp)
-nav = st.columns([1, 1, 1.3, 2.7])
-nav[0].page_link("views/neuron.py", label=f"← L{prev_l} N{prev_n}", query_params=url.neuron_params(model, prev_l, prev_n))
-nav[1].page_link("views/neuron.py", label=f"L{next_l} N{next_n} →", query_params=url.neuron_params(model, next_l, next_n))
-nav[2].page_link("views/overview.py", label="↑ Model overview", query_params={"model": model, "layer": str(layer)})
-with nav[3].form("goto", border=False):
-    g = st.columns([1, 1, 1])
-    gl = g[0].number_input("layer", 0, info.n_layers - 1, layer, label_visibility="collapsed")
-    gn = g[1].number_input("neuron", 0, info.d_mlp - 1, neuron, label_visibility="collapsed")
-    if g[2].form_submit_button("Go to L/N"):
-        st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(gl), int(gn)))
+nav_box = st.container()  # filled at the end, so the links carry the view state this run wrote
 
 m = st.columns(5)
 m[0].metric("max", f"{S.max:.3f}")
@@ -77,38 +120,48 @@ m[1].metric("mean", f"{S.mean:.3f}")
 m[2].metric("std", f"{S.std:.3f}")
 m[3].metric("min", f"{S.min:.3f}")
 m[4].metric("firing (> 0)", f"{S.frac_pos:.1%}")
+if p.bos_above_max:
+    ratio = f", {p.bos_act / S.max:.1f}× its scored max" if S.max > 0 else ""
+    st.warning(
+        f"On BOS this neuron reaches {p.bos_act:.3f}{ratio} ({S.max:.3f}). BOS (position 0) is never scored: "
+        "the numbers, histogram and examples on this page leave it out."
+    )
+elif p.bos_act is not None:
+    st.caption(f"Activation on BOS (position 0, never scored): {p.bos_act:.3f}.")
 link_box = st.container()  # filled at the end, once every widget has written its state to the URL
 
 # -------------------------------------------------------------------------------- examples
 st.subheader("Max-activating examples")
-n_pages = max(1, math.ceil(len(p.examples) / PAGE_SIZE))
-page_no = param_int("page", 1, 1, n_pages)
 if not p.examples:
     st.info("This run stored no examples for this neuron.")
 else:
-    head = st.columns([3, 2])
-    head[0].html(render.legend_html(max(S.max, 1e-6)))
-    if n_pages > 1:
-        page_no = head[1].radio(
-            "page", list(range(1, n_pages + 1)), index=page_no - 1, horizontal=True,
-            format_func=lambda i: f"{(i - 1) * PAGE_SIZE + 1}-{min(i * PAGE_SIZE, len(p.examples))}",
-            label_visibility="collapsed",
-        )
-        url.sync("page", page_no, 1)
-    blocks = []
-    for e in p.examples[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]:
-        tok = e.tokens[e.max_index]
-        blocks.append(
-            f'<div class="example" style="margin:0.2em 0 0.9em 0;"><div style="font-size:0.85em;color:#444;">'
-            f"<b>#{e.rank + 1}</b> · activation <b>{e.act:.3f}</b> on {html.escape(repr(tok.text))} · "
-            f"story {e.story_id}, sequence {e.seq_idx}, position {e.pos}</div>"
-            + render.tokens_html(
-                [t.text for t in e.tokens], list(e.acts), special=[t.special for t in e.tokens],
-                vmax=max(S.max, 1e-6), highlight=e.max_index,
-            )
-            + "</div>"
-        )
-    st.html("".join(blocks))
+    show_examples(p.examples, "page", "example", max(S.max, 1e-6))
+st.subheader("Min-activating examples")
+if not p.bottom_examples:
+    st.info("This run stored no bottom examples for this neuron.")
+else:
+    st.caption("The lowest activations (most negative first), by the same rule as the top ones: no two within "
+               f"{p.run.params.get('ctx_before', 24)} positions of each other in a sequence.")
+    show_examples(p.bottom_examples, "lpage", "example-low", max(-S.min, abs(S.max), 1e-6))
+
+# -------------------------------------------------------------------------------- quantile bands
+st.subheader("Examples by activation band")
+if not p.bands:
+    st.caption("This neuron never fires above 0: no positive bands.")
+else:
+    st.caption(
+        "The positive range 0 to max cut into tenths, each made of whole histogram bars: per band a uniform random "
+        "sample of its tokens (the bars' stored samples with the smallest hashes), highest first."
+    )
+    tabs = st.tabs([f"{b.lo:.2f} to {b.hi:.2f}" for b in p.bands])
+    for tab, b in zip(tabs, p.bands):
+        with tab:
+            st.caption(f"Activations {b.lo:.3f} to {b.hi:.3f}: {b.count:,} tokens, {len(b.samples)} shown.")
+            st.html("".join(
+                f'<div class="band-sample" style="margin:2px 0;"><span style="display:inline-block;width:5.5em;'
+                f'color:#444;">{smp.act:+.3f}</span>{render.context_html(smp.context, smp.token.text)}</div>'
+                for smp in b.samples
+            ))
 
 # -------------------------------------------------------------------------------- explanations
 explained = explanations.neuron_explanations(DB_URL, model, layer, neuron, run.id, V)
@@ -151,13 +204,14 @@ for r in rows:  # stacked by hand: "matches" from 0, "other" on top of it
 df = pd.DataFrame(long)
 pick = alt.selection_point(fields=["bin"], name="pick", on="click")
 yscale = alt.Scale(type="symlog") if log_y else alt.Scale()
+yaxis = alt.Axis(values=symlog_ticks(max(p.histogram.counts, default=1)), format="~s") if log_y else alt.Axis()
 chart = (
     alt.Chart(df)
     .mark_bar()
     .encode(
         x=alt.X("lo:Q", title="activation", scale=alt.Scale(nice=False)),
         x2="hi:Q",
-        y=alt.Y("y1:Q", scale=yscale, title="tokens" + (" (symlog scale)" if log_y else "")),
+        y=alt.Y("y1:Q", scale=yscale, axis=yaxis, title="tokens" + (" (symlog scale)" if log_y else "")),
         y2="y0:Q",
         color=alt.Color("group:N", scale=alt.Scale(domain=["matches hypothesis", "other"], range=["#ff7600", "#9aa5b1"]),
                         legend=alt.Legend(orient="top", title=None)),
@@ -200,7 +254,10 @@ if hyp is not None:
 
 labels = {r.bin: f"bin {r.bin}: {r.lo:.3f} to {r.hi:.3f} · {r.count:,} tokens, {r.n_sampled} sampled" for r in rows}
 opts = nonempty or [0]
-chosen = chosen if chosen in opts else default_bin
+if chosen not in opts:
+    st.info(f"The link asks for bin {chosen}, which has no tokens for this neuron; showing bin {default_bin} "
+            "(the highest one with tokens) instead.")
+    chosen = default_bin
 chosen = st.selectbox("Sampled tokens of bin", opts, index=opts.index(chosen) if chosen in opts else 0, format_func=labels.get)
 url.sync("bin", chosen, default_bin)
 samples = sorted((smp for smp in p.spectrum if smp.bin == chosen), key=lambda smp: -smp.act)
@@ -220,11 +277,20 @@ else:
 left, right = st.columns(2)
 with left:
     st.subheader("Direct logit effects")
-    effects = [("promotes", t) for t in p.logit_top] + [("suppresses", t) for t in p.logit_bottom]
+    has_seen = bool(p.logit_top_seen or p.logit_bottom_seen)
+    all_tokens = st.checkbox("include tokens never seen in the corpus", url.get_str("alltok") == "1" or not has_seen,
+                             disabled=not has_seen)
+    url.sync("alltok", "1" if all_tokens and has_seen else None)
+    if all_tokens:
+        effects = [("promotes", t) for t in p.logit_top] + [("suppresses", t) for t in p.logit_bottom]
+    else:
+        effects = [("promotes", t) for t in p.logit_top_seen] + [("suppresses", t) for t in p.logit_bottom_seen]
     texts = [t.token.text for _, t in effects]
     dupes = {x for x in texts if texts.count(x) > 1}
     ldf = pd.DataFrame(
-        [dict(token=token_label(t.token.text, t.token.id, dupes), id=t.token.id, effect=t.value, kind=k) for k, t in effects]
+        [dict(token=token_label(t.token.text, t.token.id, dupes) + (" (never seen)" if t.count == 0 else ""),
+              id=t.token.id, effect=t.value, seen=("unknown" if t.count < 0 else f"{t.count:,}"),
+              kind=k if t.count != 0 else "never seen in the corpus") for k, t in effects]
     )
     if len(ldf):
         lchart = (
@@ -234,14 +300,18 @@ with left:
                 y=alt.Y("token:N", sort=alt.EncodingSortField("effect", order="descending"), title=None,
                         axis=alt.Axis(labelOverlap=False, labelLimit=160, labelFontSize=12)),
                 x=alt.X("effect:Q", title="logit effect (W_out[n] · W_U)"),
-                color=alt.Color("kind:N", scale=alt.Scale(domain=["promotes", "suppresses"], range=["#ff7600", "#2870ff"]),
-                                legend=None),
-                tooltip=["token", "id", alt.Tooltip("effect:Q", format=".4f")],
+                color=alt.Color("kind:N", scale=alt.Scale(domain=["promotes", "suppresses", "never seen in the corpus"],
+                                                          range=["#ff7600", "#2870ff", "#b8b8b8"]),
+                                legend=alt.Legend(orient="top", title=None)),
+                tooltip=["token", "id", alt.Tooltip("effect:Q", format=".4f"),
+                         alt.Tooltip("seen:N", title="times in the corpus")],
             )
             .properties(height=max(200, 20 * len(ldf)))
         )
         st.altair_chart(lchart, width="stretch")
-        st.caption("Direct path only: the neuron's output direction times the unembedding (final norm scale folded in).")
+        st.caption("Direct path only: the neuron's output direction times the unembedding (final norm scale folded in). "
+                   + ("Every token of the vocabulary; grey ones never occur in the corpus." if all_tokens else
+                      "Only tokens that occur in the corpus (tick the box for all)."))
 with right:
     st.subheader("Top tokens by mean activation")
     if p.top_tokens:
@@ -264,6 +334,7 @@ with st.form("live"):
     prompt = st.text_area("Prompt", prompt, placeholder="Once upon a time, there was a little dog…", height=90,
                           max_chars=limits.MAX_PROMPT_CHARS)
     submitted = st.form_submit_button("Run")
+note_lowercase(info.source)
 st.caption(limits.describe())
 url.sync("prompt", prompt, "")
 if clipped:
@@ -297,7 +368,21 @@ if prompt:
         elif live is not None:
             st.caption("The prompt has no tokens.")
 
-# -------------------------------------------------------------------------------- the link
+# -------------------------------------------------------------------------------- navigation, the link
+with nav_box:
+    keep = carried()
+    nav = st.columns([1, 1, 1.3, 2.7])
+    nav[0].page_link("views/neuron.py", label=f"← L{prev_l} N{prev_n}",
+                     query_params=url.neuron_params(model, prev_l, prev_n, **keep))
+    nav[1].page_link("views/neuron.py", label=f"L{next_l} N{next_n} →",
+                     query_params=url.neuron_params(model, next_l, next_n, **keep))
+    nav[2].page_link("views/overview.py", label="↑ Model overview", query_params={"model": model, "layer": str(layer)})
+    with nav[3].form("goto", border=False):
+        g = st.columns([1, 1, 1])
+        gl = g[0].number_input("layer", 0, info.n_layers - 1, layer, label_visibility="collapsed")
+        gn = g[1].number_input("neuron", 0, info.d_mlp - 1, neuron, label_visibility="collapsed")
+        if g[2].form_submit_button("Go to L/N"):
+            st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(gl), int(gn), **keep))
 with link_box:
     st.caption("Link to this view (copy it with the button at its right):")
     st.code(url.full_url("neuron"), language=None)

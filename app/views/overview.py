@@ -6,14 +6,22 @@ URL: ``?model=M&layer=L&stat=max&q=dog&explained=quote`` (all optional).
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from app import cached, explanations, render, url
-from app.state import DB_URL, bad_param, param_int, store_or_stop
+from app.live import neurons_on_phrase
+from app.state import DB_URL, bad_param, get_model, lowercase_note, param_int, store_or_stop
+from precompute.models import ModelError
 from precompute.store.db import DEFAULT_DB
 from precompute.jobs.neurons.tables import match_tokens
 from precompute.store.queries import NotFound
+
+@st.cache_data(show_spinner="Running the model…", max_entries=64)
+def phrase_hits(source: str, text: str, maxes: tuple, prepend_bos: bool | None):
+    return neurons_on_phrase(get_model(source), text, {l: np.array(v) for l, v in maxes}, prepend_bos)
+
 
 STATS = {"max": "max activation", "mean": "mean activation", "std": "standard deviation", "frac_pos": "fraction firing (> 0)"}
 
@@ -41,7 +49,9 @@ st.dataframe(
          for m in models]
     ),
     hide_index=True,
-    column_config={"parameters": st.column_config.NumberColumn(format="localized")},
+    width="stretch",
+    column_config={"parameters": st.column_config.NumberColumn(format="localized"),
+                   "source": st.column_config.TextColumn("source", width="large")},
 )
 names = [m.name for m in models]
 model = url.get_str("model") or names[0]
@@ -102,7 +112,8 @@ if q.strip():
                 column_config={"link": st.column_config.LinkColumn("open", display_text="open ↗"),
                                "token_mean": st.column_config.NumberColumn("mean on token", format="%.3f"),
                                "max": st.column_config.NumberColumn(format="%.3f"),
-                               "mean": st.column_config.NumberColumn(format="%.3f")},
+                               "mean": st.column_config.NumberColumn(format="%.3f"),
+                               "top_tokens": st.column_config.TextColumn("top tokens", width="large")},
             )
 
 best = explanations.best_explanations(DB_URL, model, V)
@@ -126,30 +137,67 @@ if best:
                                "explains": st.column_config.NumberColumn("explains (top range)", format="percent"),
                                "precision": st.column_config.NumberColumn(format="percent")},
             )
+phrase = st.text_input("…or on any token of a phrase (runs the model)", url.get_str("phrase"),
+                       placeholder="the little dog barked")
+if lowercase_note(info.source):
+    st.caption(lowercase_note(info.source))
+url.sync("phrase", phrase, "")
+all_n = cached.layer_neurons(DB_URL, model, None, V)
+if phrase.strip():
+    maxes: dict[int, list[float]] = {}
+    for s_ in all_n:
+        maxes.setdefault(s_.layer, [0.0] * info.d_mlp)[s_.neuron] = s_.max
+    prepend = next((r.prepend_bos for r in runs if r.job == "neurons"), None)
+    try:
+        toks, hits = phrase_hits(info.source, phrase, tuple((l, tuple(v)) for l, v in sorted(maxes.items())), prepend)
+    except ModelError as e:
+        st.error(f"Cannot run {model} live: {e}")
+        toks, hits = (), []
+    if toks:
+        st.caption(f"Tokens: {' '.join(repr(t) for t in toks)}. Neurons ranked by their highest activation on these "
+                   "tokens as a share of their corpus max (BOS left out):")
+        st.dataframe(
+            pd.DataFrame([dict(neuron=f"L{h.layer} N{h.neuron}", link=url.neuron_link(model, h.layer, h.neuron),
+                               token=f"'{render.visible_text(h.token)[0]}'", act=h.act, share=h.share,
+                               corpus_max=maxes[h.layer][h.neuron]) for h in hits]),
+            hide_index=True,
+            column_config={"link": st.column_config.LinkColumn("open", display_text="open ↗"),
+                           "act": st.column_config.NumberColumn("activation", format="%.3f"),
+                           "share": st.column_config.NumberColumn("of corpus max", format="percent"),
+                           "corpus_max": st.column_config.NumberColumn("corpus max", format="%.3f")},
+        )
 
 # -------------------------------------------------------------------------------- chart
 stat = url.get_choice("stat", STATS, "max")
 stat = st.selectbox("Chart statistic", list(STATS), index=list(STATS).index(stat), format_func=STATS.get)
 url.sync("stat", stat, "max")
-all_n = cached.layer_neurons(DB_URL, model, None, V)
-cdf = pd.DataFrame([dict(layer=s.layer, neuron=s.neuron, value=getattr(s, stat),
+TOP_PER_LAYER = 40
+cdf = pd.DataFrame([dict(layer=s.layer, neuron=s.neuron, key=f"{s.layer}:{s.neuron}", value=getattr(s, stat),
                          top=" ".join(s.top_tokens[:3])) for s in all_n])
+cdf = cdf.sort_values(["layer", "value", "neuron"], ascending=[True, False, True]).groupby("layer").head(TOP_PER_LAYER)
 pick = alt.selection_point(fields=["layer", "neuron"], name="pick", on="click")
-heat = (
+bars = (
     alt.Chart(cdf)
-    .mark_rect()
+    .mark_bar()
     .encode(
-        x=alt.X("neuron:O", axis=alt.Axis(labels=False, ticks=False), title=f"neuron (0-{info.d_mlp - 1})"),
-        y=alt.Y("layer:O", title="layer"),
-        color=alt.Color("value:Q", title=stat, scale=alt.Scale(scheme="oranges")),
-        tooltip=["layer", "neuron", alt.Tooltip("value:Q", format=".3f", title=STATS[stat]), alt.Tooltip("top:N", title="top tokens")],
+        x=alt.X("key:N", sort=alt.EncodingSortField("value", order="descending"), title="neuron",
+                axis=alt.Axis(labelExpr="'N' + split(datum.value, ':')[1]", labelAngle=-90, labelFontSize=10)),
+        y=alt.Y("value:Q", title=stat),
+        color=alt.Color("value:Q", title=stat, scale=alt.Scale(scheme="oranges"), legend=None),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
+        tooltip=["layer", "neuron", alt.Tooltip("value:Q", format=".3f", title=STATS[stat]),
+                 alt.Tooltip("top:N", title="top tokens")],
     )
+    .properties(height=110, width=alt.Step(22))
     .add_params(pick)
-    .properties(height=28 * info.n_layers + 40)
+    .facet(row=alt.Row("layer:O", title=None, header=alt.Header(labelExpr="'layer ' + datum.value", labelAngle=0,
+                                                                  labelAlign="left", labelOrient="top")))
+    .resolve_scale(x="independent")
 )
-ev = st.altair_chart(heat, on_select="rerun", selection_mode="pick", key=f"heat-{model}-{stat}")
-st.caption("Click a cell to open that neuron.")
-sel = url.new_selection(f"heat-{model}-{stat}", (getattr(ev, "selection", None) or {}).get("pick") or [])
+ev = st.altair_chart(bars, on_select="rerun", selection_mode="pick", key=f"bars-{model}-{stat}")
+st.caption(f"The {TOP_PER_LAYER} neurons with the highest {STATS[stat]} in each layer, highest first (the table below "
+           "lists every neuron of a layer). Click a bar to open that neuron.")
+sel = url.new_selection(f"bars-{model}-{stat}", (getattr(ev, "selection", None) or {}).get("pick") or [])
 if sel and "layer" in sel[0] and "neuron" in sel[0]:
     st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(sel[0]["layer"]), int(sel[0]["neuron"])))
 
@@ -167,6 +215,7 @@ tdf = pd.DataFrame(
 table = st.dataframe(
     tdf,
     hide_index=True,
+    width="stretch",
     on_select="rerun",
     selection_mode="single-row",
     key=f"table-{model}-{layer}",
@@ -178,6 +227,7 @@ table = st.dataframe(
         "firing": st.column_config.ProgressColumn("fraction firing", format="percent", min_value=0.0, max_value=1.0),
         "explanation": st.column_config.TextColumn("best explanation"),
         "score": st.column_config.NumberColumn("score (F1)", format="%.2f"),
+        "top_tokens": st.column_config.TextColumn("top tokens", width="large"),
     },
 )
 st.caption("Click a column header to sort; select a row (or click open ↗) to open the neuron.")

@@ -17,7 +17,7 @@ import streamlit as st
 from app import cached, limits, url
 from app.render import tokens_html
 from app.retrieval_views import show_diverse_examples
-from app.state import DB_URL, bad_param, get_model, get_store, param_int
+from app.state import DB_URL, bad_param, get_model, get_store, note_lowercase, param_int
 from precompute.models import ModelError
 from precompute.retrieval.sift import DEFAULT_LAMBDA
 from precompute.retrieval.support import HIGH_VARIANCE
@@ -106,6 +106,7 @@ st.caption(
     "its tokens, centred on the corpus mean and normalised."
 )
 
+note_lowercase(info.source)
 with st.form("query"):
     c1, c2, c3, c4 = st.columns([6, 1, 1, 1])
     new_prompt = c1.text_input("Prompt", prompt, max_chars=limits.MAX_PROMPT_CHARS)
@@ -152,6 +153,9 @@ for col, sel, title in ((cols[0], sel_nn, "Nearest neighbours"), (cols[1], sel_s
             st.html(window_html(w))
 
 # -------------------------------------------------------------------------------- curves
+# two hues far apart (and apart for red-green colour blindness): SIFT orange, nearest neighbours blue
+METHOD_COLOR = alt.Color("method:N", title=None, legend=alt.Legend(orient="top"),
+                         scale=alt.Scale(domain=["nearest neighbours", "SIFT"], range=["#1f4e9c", "#ff7600"]))
 rows = []
 for meth, sel in (("nearest neighbours", sel_nn), ("SIFT", sel_sift)):
     rows.append(dict(method=meth, pick=0, variance=sel.prior_variance, relevance=None, redundancy=None))
@@ -165,7 +169,7 @@ with c1:
         alt.Chart(df).mark_line(point=True).encode(
             x=alt.X("pick:Q", title="examples picked"),
             y=alt.Y("variance:Q", title="posterior variance (prior 1)", scale=alt.Scale(domain=[0, 1])),
-            color="method:N",
+            color=METHOD_COLOR,
             tooltip=["method", "pick", alt.Tooltip("variance:Q", format=".3f")],
         ),
         width="stretch",
@@ -176,7 +180,7 @@ with c2:
         alt.Chart(df.dropna()).mark_point(filled=True, size=70).encode(
             x=alt.X("redundancy:Q", title="max similarity to earlier picks"),
             y=alt.Y("relevance:Q", title="similarity to the prompt"),
-            color="method:N",
+            color=METHOD_COLOR,
             tooltip=["method", "pick", alt.Tooltip("relevance:Q", format=".2f"), alt.Tooltip("redundancy:Q", format=".2f")],
         ),
         width="stretch",

@@ -99,7 +99,9 @@ with right:
         alt.Chart(pd.DataFrame(rows)).mark_line(point=True).encode(
             x=alt.X("N:O", title="rule set: templates of length ≤ N"),
             y=alt.Y("value:Q", title="fraction", scale=alt.Scale(domain=[0, 1])),
-            color=alt.Color("what:N", title=None, legend=alt.Legend(orient="bottom")),
+            color=alt.Color("what:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0),
+                            scale=alt.Scale(domain=["top-1 agreement (rules up to length N)", "model top-1 accuracy"],
+                                            range=["#ff7600", "#333333"])),
             tooltip=["N", alt.Tooltip("value:Q", format=".3f"), "what"],
         ),
         use_container_width=True,
@@ -128,4 +130,4 @@ if len(df):
                  column_config={"link": st.column_config.LinkColumn("open", display_text="story view"),
                                 "agreement": st.column_config.NumberColumn(format="%.3f"),
                                 "mean_distance": st.column_config.NumberColumn(format="%.3f")})
-st.page_link("views/story.py", label="Story view / live prompt", icon="🔎")
+st.page_link("views/story.py", label="Story view / live prompt →")

@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from app import cached, render, url
-from app.state import DB_URL, bad_param, get_model, param_int
+from app.state import DB_URL, bad_param, get_model, note_lowercase, param_int
 from precompute.errors import one_line
 from precompute.models import ModelError
 from precompute.ngrams.views import TokenMatch
@@ -177,6 +177,7 @@ else:
     if "story" in st.query_params:
         del st.query_params["story"]
     text = st.text_area("Prompt", url.get_str("prompt", "Once upon a time, there was a little girl named Lily."), max_chars=MAX_PROMPT_CHARS)
+    note_lowercase(info.source)
     url.sync("prompt", text)
     try:
         toks, matches = live_matches(info.source, ov.ngram_corpus, text, ov.rule_set, ov.distance, ov.split)

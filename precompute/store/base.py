@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy.orm import DeclarativeBase
 
 # Bump when a table changes shape; a database written with another version is refused on open.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Base(DeclarativeBase):

@@ -56,6 +56,16 @@ def test_lab_page_flow(app):
     expect(sel).to_have_text("a")  # position 3 of "<s> Once upon a ..."
     expect(page.get_by_text(re.compile(r"Actual next token ' time': loss"))).to_be_visible()
 
+    # or click a token: position 5 becomes the selected one
+    pill = page.locator('[data-testid="stButtonGroup"] button').nth(4)  # one pill per token, in order
+    expect(pill).to_contain_text("time")
+    pill.click()
+    app.wait("text=Next token after position 4")
+    expect(page.locator("div.tokens").first.locator("span.tok-max")).to_have_text(" time")
+    thumb.focus()
+    thumb.press("ArrowLeft")
+    app.wait("text=Next token after position 3")
+
     # the neuron panel: one line per layer, 5 links each, to the neuron page with this prompt
     links = page.locator('a[href*="neuron?model="]')
     expect(links).to_have_count(5 * 5)  # stories260K: 5 layers x top 5

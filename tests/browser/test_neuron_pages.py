@@ -90,3 +90,28 @@ def test_overview_search_and_open_neuron(app):
     page.get_by_text("← L4 N171").click()
     app.wait(f"text={MODEL} · L4 N171")
     assert "layer=4" in page.url and "neuron=171" in page.url
+
+
+def test_prev_next_keep_the_view_state_and_bottom_examples_show(app):
+    app.open(NEURON + "&hyp=the&log=1", "div.example-low")
+    page = app.page
+    expect(page.locator("div.example-low")).to_have_count(5)  # min-activating examples, first page
+    at_least(page.locator("div.band-sample"), 1)  # examples by activation band (the first tab)
+    page.get_by_text("L1 N8 →").click()
+    app.wait(f"text={MODEL} · L1 N8")
+    expect(page.get_by_label("Hypothesis: the neuron fires on…")).to_have_value("the")
+    expect(page.get_by_label("log y")).to_be_checked()
+    expect(page).to_have_url(re.compile(r"neuron=8.*hyp=the|hyp=the.*neuron=8"))
+
+
+def test_link_to_an_empty_bin_says_so(app, browser_db):
+    from precompute.store.db import open_store
+    from precompute.jobs.neurons.tables import neuron_page
+
+    with open_store(browser_db, create=False).session() as s:
+        counts = neuron_page(s, MODEL, 1, 7).histogram.counts
+    empty = next((i for i, c in enumerate(counts) if c == 0), None)
+    if empty is None:
+        pytest.skip("L1 N7 has no empty bin in this database")
+    app.open(NEURON + f"&bin={empty}", "div.example")
+    expect(app.page.get_by_text(f"The link asks for bin {empty}, which has no tokens")).to_be_visible()

@@ -31,8 +31,8 @@ def _summary(r: NeuronsResult) -> dict:
 
 
 def _sequences(result: NeuronsResult) -> list[int]:
-    """Sequences the stored top examples show (spectrum samples carry their own context)."""
-    seqs = {int(s) for L in result.layers for s in L.examples.seq}
+    """Sequences the stored top and bottom examples show (spectrum samples carry their own context)."""
+    seqs = {int(s) for L in result.layers for t in (L.examples, L.bottom) for s in t.seq}
     return sorted(seqs)
 
 

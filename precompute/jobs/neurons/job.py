@@ -40,7 +40,13 @@ on how the corpus was cut into shards or batches (floating-point sums aside, see
    frequent tokens of the first shard (ties by id; ``prepare``) are tracked, and the result says so
    (``top_tokens_among``).
 6. **Direct logit effects**: the top and bottom entries of ``W_out[neuron] @ W_U`` (final norm
-   folded), at ``finish``.
+   folded), at ``finish``: among all tokens, and among the tokens seen in the corpus (a tracked
+   token with a count above zero; scored tokens are exactly the prediction targets).
+7. **Bottom-K examples**: definition 1 on the negated activations (lowest first, ties by key),
+   by the same kernels (``scan._top_step`` with ``low``: the histogram floor comes from the low
+   end), so they merge exactly too.
+8. **BOS activation**: each neuron's activation at position 0 of the sequence with the smallest
+   index that has a BOS (every BOS is the same token at the same position); never scored.
 
 The per-batch update is one compiled kernel per layer (``scan.update_block``) run over neuron
 blocks on threads (``backend="numba"``, the CPU default), or torch ops on the model's device
@@ -49,6 +55,7 @@ blocks on threads (``backend="numba"``, the CPU default), or torch ops on the mo
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -147,6 +154,8 @@ class LayerNeurons:
     hist_k0: np.ndarray  # first fine bin (floor(min / 2^e))
     hist_group: np.ndarray  # fine bins per shown bar
     examples: ExampleTable
+    bottom: ExampleTable  # the lowest activations (the same rule as ``examples`` on -activation), lowest first
+    bos: np.ndarray  # float32 activation on the BOS of the corpus's first sequence (NaN: no BOS); never scored
     spectrum: list[np.ndarray]  # per neuron: SAMPLE_DTYPE records, by bar, then activation
     top_tokens: np.ndarray  # [d_mlp, n] token ids (-1: none)
     top_token_means: np.ndarray
@@ -155,6 +164,10 @@ class LayerNeurons:
     logit_top_values: np.ndarray
     logit_bottom: np.ndarray
     logit_bottom_values: np.ndarray
+    logit_top_seen: np.ndarray  # the same among tokens seen in the corpus (-1 pads)
+    logit_top_seen_values: np.ndarray
+    logit_bottom_seen: np.ndarray
+    logit_bottom_seen_values: np.ndarray
 
 
 @dataclass
@@ -163,6 +176,7 @@ class NeuronsResult:
     layers: list[LayerNeurons] = field(default_factory=list)
     n_scored: int = 0
     top_tokens_among: int | None = None  # top tokens were ranked among this many tracked tokens (None: all)
+    token_counts: np.ndarray | None = None  # per token id: scored occurrences in the corpus (-1: not tracked)
 
 
 # ---------------------------------------------------------------------------------- tracked tokens
@@ -244,6 +258,8 @@ class NeuronsAccumulator:
         self.state = {l: scan.LayerState.empty(self.d, cfg.samples_per_bin, cfg.top_k, W, len(self.tracked))
                       for l in self.layers}
         self.n = 0  # scored tokens
+        self.bos_seq = np.iinfo(np.int64).max  # the sequence whose BOS activations ``bos`` holds (the first)
+        self.bos = {l: np.full(self.d, np.nan, np.float32) for l in self.layers}
         self.tcount = np.zeros(len(self.tracked), np.int64)
         self.threads = max(1, torch.get_num_threads())
         self._dev = None  # torch backend: the state's tensors on the device
@@ -274,9 +290,13 @@ class NeuronsAccumulator:
             raise ValueError(f"sequences longer than {1 << scan.LOC_BITS} tokens")
         # the scored tokens in (row, position) order, and what each kernel needs of them
         r, p = np.nonzero((np.arange(T)[None, :] >= first) & (np.arange(T)[None, :] < lengths[:, None]))
+        seq_idx = np.asarray(batch.seq_idx, np.int64)
+        if first > 0 and len(seq_idx) and seq_idx.min() < self.bos_seq:  # BOS: stored, never scored
+            row = int(np.argmin(seq_idx))
+            self.bos_seq = int(seq_idx[row])
+            self.bos = {l: cap.mlp[l][row, 0].detach().to("cpu", torch.float32).numpy().copy() for l in self.layers}
         if len(r) == 0:
             return
-        seq_idx = np.asarray(batch.seq_idx, np.int64)
         key = np.asarray(batch.keys, np.int64)[r] + p
         tok = ids[r, p]
         tt = np.where(tok < len(self.tmap), self.tmap[np.minimum(tok, len(self.tmap) - 1)], -1)
@@ -293,6 +313,7 @@ class NeuronsAccumulator:
 
     def _update_numba(self, cap: Captured, tb: "_TokenBatch") -> None:
         self._sync()
+        _compiling([scan.update_block], "preparing the update kernel")
         cb, ca = self.cfg.ctx_before, self.cfg.ctx_after
         tord = np.argsort(tb.tt, kind="stable")
         tord = tord[tb.tt[tord] >= 0]
@@ -312,8 +333,8 @@ class NeuronsAccumulator:
             A, st, i0, i1 = t
             return scan.update_block(A, tb.r, tb.p, tb.key, tb.hash, tb.loc, hord, hsorted, tord, tids, tstart,
                                      tb.seq_idx, tb.lengths, i0, i1, self.n, st.lo, st.hi, st.ex, st.mean, st.m2,
-                                     st.npos, st.bins, st.rh, st.ra, st.rloc, *st.top_arrays(), st.tsum, self.m_cand,
-                                     cb, ca, TILE)
+                                     st.npos, st.bins, st.rh, st.ra, st.rloc, *st.top_arrays(), *st.bottom_arrays(),
+                                     st.tsum, self.m_cand, cb, ca, TILE)
 
         if len(tasks) == 1:
             status = [one(tasks[0])]
@@ -357,9 +378,11 @@ class NeuronsAccumulator:
                 a.tsum += b.tsum
                 continue
             scan.merge_layer(self.n, other.n, a.lo, a.hi, a.ex, a.mean, a.m2, a.npos, a.bins, a.rh, a.ra, a.rloc,
-                             *a.top_arrays(), b.lo, b.hi, b.ex, b.mean, b.m2, b.npos, b.bins, b.rh, b.ra, b.rloc,
-                             *b.top_arrays())
+                             *a.top_arrays(), *a.bottom_arrays(), b.lo, b.hi, b.ex, b.mean, b.m2, b.npos, b.bins,
+                             b.rh, b.ra, b.rloc, *b.top_arrays(), *b.bottom_arrays())
             a.tsum += b.tsum
+        if other.bos_seq < self.bos_seq:
+            self.bos_seq, self.bos = other.bos_seq, other.bos
         self.tcount += other.tcount
         self.n += other.n
 
@@ -370,11 +393,15 @@ class NeuronsAccumulator:
         from .tables import SAMPLE_DTYPE
 
         self._sync()
+        _compiling([scan.finish_hist, scan.top_tokens, scan.contexts], "preparing the finishing kernel")
         if self.n == 0:
             raise ValueError("the corpus has no tokens to score (every sequence is only a BOS)")
         cfg = self.cfg
+        counts_all = np.full(max(lm.vocab_size, len(self.tmap)), -1, np.int64)
+        counts_all[self.tracked] = self.tcount
         res = NeuronsResult(config=cfg, n_scored=self.n,
-                            top_tokens_among=None if cfg.tracked_tokens is None else len(self.tracked))
+                            top_tokens_among=None if cfg.tracked_tokens is None else len(self.tracked),
+                            token_counts=counts_all)
         hists = {}
         for l in self.layers:
             st = self.state[l]
@@ -388,7 +415,7 @@ class NeuronsAccumulator:
             nd = np.diff(boff)
             m = len(s_bin)
             rec = np.zeros(m, dtype=SAMPLE_DTYPE)
-            rec["seq"], rec["pos"], rec["act"], rec["bin"] = s_seq, s_pos, s_a, s_bin
+            rec["seq"], rec["pos"], rec["act"], rec["bin"], rec["hash"] = s_seq, s_pos, s_a, s_bin, s_h
             rec["at"], rec["n_ctx"], rec["ctx"] = (c[at : at + m] for c in contexts)
             at += m
             edges = [np.ldexp((k0[i] + np.arange(nd[i] + 1) * g[i]).astype(np.float64), int(st.ex[i]))
@@ -400,6 +427,11 @@ class NeuronsAccumulator:
             nl = min(cfg.n_logit_tokens, effects.shape[1])
             top_v, top_i = torch.topk(effects, nl, dim=1)
             bot_v, bot_i = torch.topk(-effects, nl, dim=1)
+            seen = torch.zeros(effects.shape[1], dtype=torch.bool)
+            known = counts_all[: effects.shape[1]]
+            seen[: len(known)] = torch.from_numpy(known > 0)
+            seen_top = _top_where(effects, seen, nl)
+            seen_bot = _top_where(-effects, seen, nl)
             res.layers.append(LayerNeurons(
                 layer=layer,
                 mean=st.mean.copy(),
@@ -412,7 +444,9 @@ class NeuronsAccumulator:
                 hist_exp=st.ex.copy(),
                 hist_k0=k0,
                 hist_group=g,
-                examples=_examples(st),
+                examples=_examples(st.top_arrays(), 1.0),
+                bottom=_examples(st.bottom_arrays(), -1.0),
+                bos=self.bos[layer].copy(),
                 spectrum=np.split(rec, soff[1:-1]),
                 top_tokens=np.where(found, self.tracked[np.maximum(tt, 0)], -1),
                 top_token_means=tt_mean.astype(np.float32),
@@ -421,16 +455,47 @@ class NeuronsAccumulator:
                 logit_top_values=top_v.numpy(),
                 logit_bottom=bot_i.numpy(),
                 logit_bottom_values=(-bot_v).numpy(),
+                logit_top_seen=seen_top[0],
+                logit_top_seen_values=seen_top[1],
+                logit_bottom_seen=seen_bot[0],
+                logit_bottom_seen_values=-seen_bot[1],
             ))
         return res
 
 
-def _examples(st: scan.LayerState) -> ExampleTable:
-    taken = np.arange(st.tv.shape[1])[None, :] < st.tn[:, None]
-    off = np.concatenate([[0], np.cumsum(st.tn)]).astype(np.int64)
-    return ExampleTable(offsets=off, seq=st.tseq[taken].astype(np.int64), pos=st.tpos[taken].astype(np.int64),
-                        act=st.tv[taken], win_start=st.tws[taken].astype(np.int64),
-                        win_len=st.twl[taken].astype(np.int64), win=st.twin[taken])
+def _compiling(kernels, what: str) -> None:
+    """One line on stderr when a compiled kernel is not yet loaded in this process: the first run
+    compiles it (tens of seconds, during which a progress bar would not move)."""
+    if any(not k.signatures for k in kernels):
+        from tqdm import tqdm
+
+        tqdm.write(f"neurons: {what}; the first run compiles it with numba (up to 2 minutes on a busy 2-core "
+                   "machine), later runs load it from numba's cache", file=sys.stderr)
+
+
+def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the ``n`` highest entries among the columns ``mask`` (ties to the smaller id, as
+    ``torch.topk`` on CPU does not promise): ids (-1 pads) and values (NaN pads)."""
+    cols = torch.nonzero(mask).flatten()
+    m = min(n, cols.numel())
+    ids = np.full((effects.shape[0], n), -1, np.int64)
+    vals = np.full((effects.shape[0], n), np.nan, np.float32)
+    if m:
+        sub = effects[:, cols].numpy()
+        order = np.argsort(-sub, axis=1, kind="stable")[:, :m]  # columns are in id order
+        ids[:, :m] = cols.numpy()[order]
+        vals[:, :m] = np.take_along_axis(sub, order, 1)
+    return ids, vals
+
+
+def _examples(arrays, sign: float) -> ExampleTable:
+    """A top list as an ``ExampleTable``; ``sign`` -1 for the bottom list (stored negated)."""
+    tn, tv, _tk, tseq, tpos, tws, twl, twin = arrays
+    taken = np.arange(tv.shape[1])[None, :] < tn[:, None]
+    off = np.concatenate([[0], np.cumsum(tn)]).astype(np.int64)
+    return ExampleTable(offsets=off, seq=tseq[taken].astype(np.int64), pos=tpos[taken].astype(np.int64),
+                        act=(sign * tv[taken]).astype(np.float32), win_start=tws[taken].astype(np.int64),
+                        win_len=twl[taken].astype(np.int64), win=twin[taken])
 
 
 def _contexts(tokens, seq: np.ndarray, pos: np.ndarray):

@@ -87,6 +87,14 @@ class LayerState:
     tws: np.ndarray  # i32 [d, K] window start
     twl: np.ndarray  # i32 [d, K] window length
     twin: np.ndarray  # f32 [d, K, W] window activations
+    bn: np.ndarray  # the bottom examples: the top list of the negated activations (bv = -activation),
+    bv: np.ndarray  # windows hold the activations themselves
+    bk: np.ndarray
+    bseq: np.ndarray
+    bpos: np.ndarray
+    bws: np.ndarray
+    bwl: np.ndarray
+    bwin: np.ndarray
     tsum: np.ndarray  # f64 [d, tracked tokens] per-token sums
 
     @classmethod
@@ -100,7 +108,10 @@ class LayerState:
             rloc=np.zeros((d, N_FINE, S), np.int64),
             tn=np.zeros(d, np.int64), tv=np.zeros((d, K), np.float32), tk=np.zeros((d, K), np.int64),
             tseq=np.zeros((d, K), np.int64), tpos=np.zeros((d, K), np.int32), tws=np.zeros((d, K), np.int32),
-            twl=np.zeros((d, K), np.int32), twin=np.zeros((d, K, W), np.float32), tsum=np.zeros((d, n_track)),
+            twl=np.zeros((d, K), np.int32), twin=np.zeros((d, K, W), np.float32),
+            bn=np.zeros(d, np.int64), bv=np.zeros((d, K), np.float32), bk=np.zeros((d, K), np.int64),
+            bseq=np.zeros((d, K), np.int64), bpos=np.zeros((d, K), np.int32), bws=np.zeros((d, K), np.int32),
+            bwl=np.zeros((d, K), np.int32), bwin=np.zeros((d, K, W), np.float32), tsum=np.zeros((d, n_track)),
         )
 
     def hist_arrays(self):
@@ -108,6 +119,9 @@ class LayerState:
 
     def top_arrays(self):
         return self.tn, self.tv, self.tk, self.tseq, self.tpos, self.tws, self.twl, self.twin
+
+    def bottom_arrays(self):
+        return self.bn, self.bv, self.bk, self.bseq, self.bpos, self.bws, self.bwl, self.bwin
 
 
 # ---------------------------------------------------------------------------------- histogram
@@ -335,15 +349,24 @@ def select_top(i, cand_v, cand_k, cand_r, cand_p, n, cb, tn, tv, tk, tseq, tpos,
 
 
 @njit(cache=True)
-def _hist_floor(i, lo, hi, ex, bins, M):
+def _hist_floor(i, lo, hi, ex, bins, M, low):
     """A value below which no token can be among neuron ``i``'s K best kept ones: the lower edge of
     the highest fine bin with at least ``M`` tokens (seen so far, this batch included) at or
-    above it, as at least M / (2 * ctx_before + 1) = K of those are kept. -inf when fewer."""
+    above it, as at least M / (2 * ctx_before + 1) = K of those are kept. -inf when fewer.
+    With ``low``, the same for the negated activations (the bottom list): minus the upper edge of
+    the lowest fine bin with at least ``M`` tokens at or below it."""
     if not lo[i] <= hi[i]:
         return -np.inf
     kmin = _k(lo[i], ex[i])
+    kmax = _k(hi[i], ex[i])
     above = 0
-    for k in range(_k(hi[i], ex[i]), kmin - 1, -1):
+    if low:
+        for k in range(kmin, kmax + 1):
+            above += bins[i, k & MASK, 0]
+            if above >= M:
+                return -np.float64(k + 1) * math.ldexp(1.0, ex[i])
+        return -np.inf
+    for k in range(kmax, kmin - 1, -1):
         above += bins[i, k & MASK, 0]
         if above >= M:
             return np.float64(k) * math.ldexp(1.0, ex[i])
@@ -424,10 +447,47 @@ def _count_kept(cv, ck, cj, rr, pp, n, cb, need):
     return nk
 
 
+@njit(cache=True)
+def _top_step(x, low, i, key, rr, pp, A, lo, hi, ex, bins, tn, tv, tk, tseq, tpos, tws, twl, twin, cv, ck, cj, fv, fk,
+              M, cb, ca, seq_idx, lengths):
+    """One batch's values ``x`` of neuron ``i`` into its top list: candidates ahead of the K-th
+    kept example; while it has fewer, ahead of a floor from the histogram, lowered until K kept
+    ones are certainly above it. ``low``: ``x`` is the negated activations (the bottom list);
+    windows are copied from ``A`` as they are."""
+    K = tv.shape[1]
+    if tn[i] == K:
+        fv[0] = tv[i, K - 1]
+        fk[0] = tk[i, K - 1]
+        nc = _gather(x, key, fv, fk, cv, ck, cj, M)
+    else:
+        m_try = 4 * K
+        while True:
+            fv[0] = _hist_floor(i, lo, hi, ex, bins, m_try, low)
+            fk[0] = NO_KEY
+            t = fv[0]
+            nc = _gather(x, key, fv, fk, cv, ck, cj, M)
+            if t == -np.inf or fv[0] != t or fk[0] != NO_KEY:  # all, or cut to M (which hold K kept)
+                break
+            have = 0
+            for j in range(tn[i]):
+                have += tv[i, j] >= t
+            if have + _count_kept(cv, ck, cj, rr, pp, nc, cb, K - have) >= K:
+                break
+            m_try *= 4
+    if nc:
+        cr = np.empty(nc, np.int64)
+        cp = np.empty(nc, np.int64)
+        for c in range(nc):
+            cr[c] = rr[cj[c]]
+            cp[c] = pp[cj[c]]
+        select_top(i, cv, ck, cr, cp, nc, cb, tn, tv, tk, tseq, tpos, tws, twl, twin, seq_idx, lengths, ca, A, True)
+
+
 @njit(cache=True, nogil=True)
 def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq_idx, lengths, i0, i1, n_before,
                  lo, hi, ex, mean, m2, npos, bins, rh, ra, rloc,
-                 tn, tv, tk, tseq, tpos, tws, twl, twin, tsum, M, cb, ca, tile):
+                 tn, tv, tk, tseq, tpos, tws, twl, twin, bn, bv, bk, bseq, bpos, bws, bwl, bwin, tsum, M, cb, ca,
+                 tile):
     """Fold one batch into neurons ``i0:i1`` of a layer's state. ``A`` [batch, pos, d] f32. The
     batch's scored tokens, in (row, position) order: ``A[rr[n], pp[n]]``, with global key
     ``key[n]``, sample hash ``hh[n]`` (signed order; ``hord`` sorts them, ``hsorted = hh[hord]``)
@@ -449,6 +509,7 @@ def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq
     C = 2 * M
     N = rr.shape[0]
     buf = np.empty((tile, N), np.float32)
+    xneg = np.empty(N, np.float32)
     slot = np.empty(N, np.uint8)
     under = np.empty(N, np.int32)
     by_bin = np.empty(N, np.int32)
@@ -581,35 +642,13 @@ def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq
                     a0 += np.float64(x[tord[u]])
                     u += 1
                 trow[tids[g]] += (a0 + a1) + (a2 + a3)
-            # top candidates: ahead of the K-th kept example; while there are fewer, ahead of a
-            # floor from the histogram, lowered until K kept ones are certainly above it
-            if tn[i] == K:
-                fv[0] = tv[i, K - 1]
-                fk[0] = tk[i, K - 1]
-                nc = _gather(x, key, fv, fk, cv, ck, cj, M)
-            else:
-                m_try = 4 * K
-                while True:
-                    fv[0] = _hist_floor(i, lo, hi, ex, bins, m_try)
-                    fk[0] = NO_KEY
-                    t = fv[0]
-                    nc = _gather(x, key, fv, fk, cv, ck, cj, M)
-                    if t == -np.inf or fv[0] != t or fk[0] != NO_KEY:  # all, or cut to M (which hold K kept)
-                        break
-                    have = 0
-                    for j in range(tn[i]):
-                        have += tv[i, j] >= t
-                    if have + _count_kept(cv, ck, cj, rr, pp, nc, cb, K - have) >= K:
-                        break
-                    m_try *= 4
-            if nc:
-                cr = np.empty(nc, np.int64)
-                cp = np.empty(nc, np.int64)
-                for c in range(nc):
-                    cr[c] = rr[cj[c]]
-                    cp[c] = pp[cj[c]]
-                select_top(i, cv, ck, cr, cp, nc, cb, tn, tv, tk, tseq, tpos, tws, twl, twin, seq_idx, lengths, ca, A,
-                           True)
+            # top candidates, then bottom ones (the top of the negated activations; exact)
+            _top_step(x, False, i, key, rr, pp, A, lo, hi, ex, bins, tn, tv, tk, tseq, tpos, tws, twl, twin, cv, ck,
+                      cj, fv, fk, M, cb, ca, seq_idx, lengths)
+            for n in range(N):
+                xneg[n] = -x[n]
+            _top_step(xneg, True, i, key, rr, pp, A, lo, hi, ex, bins, bn, bv, bk, bseq, bpos, bws, bwl, bwin, cv, ck,
+                      cj, fv, fk, M, cb, ca, seq_idx, lengths)
     return 0
 
 
@@ -639,8 +678,10 @@ def merge_moments(na, nb, a_mean, a_m2, a_npos, b_mean, b_m2, b_npos):
 @njit(cache=True)
 def merge_layer(na, nb, a_lo, a_hi, a_ex, a_mean, a_m2, a_npos, a_bins, a_rh, a_ra, a_rloc,
                 a_tn, a_tv, a_tk, a_tseq, a_tpos, a_tws, a_twl, a_twin,
+                a_bn, a_bv, a_bk, a_bseq, a_bpos, a_bws, a_bwl, a_bwin,
                 b_lo, b_hi, b_ex, b_mean, b_m2, b_npos, b_bins, b_rh, b_ra, b_rloc,
-                b_tn, b_tv, b_tk, b_tseq, b_tpos, b_tws, b_twl, b_twin):
+                b_tn, b_tv, b_tk, b_tseq, b_tpos, b_tws, b_twl, b_twin,
+                b_bn, b_bv, b_bk, b_bseq, b_bpos, b_bws, b_bwl, b_bwin):
     """Fold state b (``nb`` scored tokens, a later shard) into state a (``na``), exactly for
     counts, reservoirs and top lists. b's histogram arrays are re-binned in place."""
     d = a_lo.shape[0]
@@ -669,15 +710,26 @@ def merge_layer(na, nb, a_lo, a_hi, a_ex, a_mean, a_m2, a_npos, a_bins, a_rh, a_
                     filled = _push(a_bins, a_rh, a_ra, a_rloc, i, sl, filled, b_rh[i, sl, j], b_ra[i, sl, j],
                                    b_rloc[i, sl, j])
                 a_bins[i, sl, 0] += cb_
-        # top examples: the best K of the union (sequences never cross shards)
-        for j in range(b_tn[i]):
-            v = b_tv[i, j]
-            key = b_tk[i, j]
-            if a_tn[i] == K and not _precedes(v, key, a_tv[i, K - 1], a_tk[i, K - 1]):
-                break
-            r = _insert_top(i, v, key, b_tseq[i, j], b_tpos[i, j], b_tws[i, j], b_twl[i, j], a_tn, a_tv, a_tk, a_tseq,
-                            a_tpos, a_tws, a_twl, a_twin)
-            a_twin[i, r, :] = b_twin[i, j, :]
+        # top and bottom examples: the best K of the union (sequences never cross shards)
+        _merge_top(i, a_tn, a_tv, a_tk, a_tseq, a_tpos, a_tws, a_twl, a_twin,
+                   b_tn, b_tv, b_tk, b_tseq, b_tpos, b_tws, b_twl, b_twin)
+        _merge_top(i, a_bn, a_bv, a_bk, a_bseq, a_bpos, a_bws, a_bwl, a_bwin,
+                   b_bn, b_bv, b_bk, b_bseq, b_bpos, b_bws, b_bwl, b_bwin)
+
+
+@njit(cache=True)
+def _merge_top(i, a_tn, a_tv, a_tk, a_tseq, a_tpos, a_tws, a_twl, a_twin,
+               b_tn, b_tv, b_tk, b_tseq, b_tpos, b_tws, b_twl, b_twin):
+    """Neuron ``i``'s list of b into a's: the best K of the union."""
+    K = a_tv.shape[1]
+    for j in range(b_tn[i]):
+        v = b_tv[i, j]
+        key = b_tk[i, j]
+        if a_tn[i] == K and not _precedes(v, key, a_tv[i, K - 1], a_tk[i, K - 1]):
+            break
+        r = _insert_top(i, v, key, b_tseq[i, j], b_tpos[i, j], b_tws[i, j], b_twl[i, j], a_tn, a_tv, a_tk, a_tseq,
+                        a_tpos, a_tws, a_twl, a_twin)
+        a_twin[i, r, :] = b_twin[i, j, :]
 
 
 # ---------------------------------------------------------------------------------- finish
@@ -1010,11 +1062,21 @@ def torch_update(t: dict, st: LayerState, x, r_np, p_np, key, hashes, loc, tt, s
     tracked = ts >= 0
     t["tsum"].index_add_(1, ts[tracked], X[tracked].double().T)
 
-    # top candidates: tokens ahead of each neuron's K-th kept example, at most M per neuron
-    K = st.tv.shape[1]
-    full = torch.from_numpy(st.tn == K).to(dev)
-    fv = torch.where(full, torch.from_numpy(st.tv[:, K - 1]).to(dev), -torch.inf)
-    fk = torch.where(full, torch.from_numpy(st.tk[:, K - 1]).to(dev), NO_KEY)
+    # top and bottom candidates (the bottom list is the top list of the negated activations)
+    _t_top(torch, X, x, keys, st.top_arrays(), r_np, p_np, seq_idx, lengths, M, cb, ca)
+    _t_top(torch, -X, x, keys, st.bottom_arrays(), r_np, p_np, seq_idx, lengths, M, cb, ca)
+
+
+def _t_top(torch, X, x, keys, top, r_np, p_np, seq_idx, lengths, M, cb, ca):
+    """Tokens of ``X`` [N, d] ahead of each neuron's K-th kept example (at most M per neuron) into
+    the list ``top`` (numpy, on the CPU); windows of new entries from ``x`` [batch, pos, d]."""
+    tn, tv, tk, tseq, tpos, tws, twl, twin = top
+    dev = x.device
+    B, T, d = x.shape
+    K = tv.shape[1]
+    full = torch.from_numpy(tn == K).to(dev)
+    fv = torch.where(full, torch.from_numpy(tv[:, K - 1]).to(dev), -torch.inf)
+    fk = torch.where(full, torch.from_numpy(tk[:, K - 1]).to(dev), NO_KEY)
     tok, nrn = torch.nonzero((X > fv) | ((X == fv) & (keys[:, None] < fk)), as_tuple=True)
     if tok.numel() == 0:
         return
@@ -1029,14 +1091,13 @@ def torch_update(t: dict, st: LayerState, x, r_np, p_np, key, hashes, loc, tt, s
     nrn, tok, v, kk = (a[keep].cpu().numpy() for a in (nrn, tok, v, kk))
     off = np.concatenate([[0], np.cumsum(np.bincount(nrn, minlength=d))]).astype(np.int64)
     ins_i, ins_j, ins_r = select_top_all(off, v.astype(np.float64), kk, r_np[tok], p_np[tok].astype(np.int64), cb, ca,
-                                         st.tn, st.tv, st.tk, st.tseq, st.tpos, st.tws, st.twl, st.twin, seq_idx,
-                                         lengths)
+                                         tn, tv, tk, tseq, tpos, tws, twl, twin, seq_idx, lengths)
     if len(ins_i):  # the windows of the new entries, from the device
-        W = st.twin.shape[2]
-        ws = st.tws[ins_i, ins_j].astype(np.int64)
-        wl = st.twl[ins_i, ins_j].astype(np.int64)
+        W = twin.shape[2]
+        ws = tws[ins_i, ins_j].astype(np.int64)
+        wl = twl[ins_i, ins_j].astype(np.int64)
         pos = np.minimum(ws[:, None] + np.arange(W)[None, :], T - 1)
         flat = (ins_r[:, None] * T + pos) * d + ins_i[:, None]
         win = x.reshape(-1)[torch.from_numpy(flat).to(dev)].float().cpu().numpy()
         win[np.arange(W)[None, :] >= wl[:, None]] = 0.0
-        st.twin[ins_i, ins_j] = win
+        twin[ins_i, ins_j] = win

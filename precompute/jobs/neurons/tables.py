@@ -11,12 +11,15 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from ...store.base import Base, from_blob, to_blob
 from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_stories, sequence_tokens, vocab
 
-# A spectrum sample: where in the corpus, the activation there, its histogram bar, and its
-# context (``ctx[:n_ctx]``: up to 12 tokens before and 3 after, clipped to the sequence, BOS
-# included; the token itself is ``ctx[at]``), so a page needs no sequence to show it.
+# A spectrum sample: where in the corpus, the activation there, its histogram bar, its context
+# (``ctx[:n_ctx]``: up to 12 tokens before and 3 after, clipped to the sequence, BOS included; the
+# token itself is ``ctx[at]``), so a page needs no sequence to show it, and its sample hash (signed
+# order): a bar's samples are its tokens with the smallest hashes, so the smallest hashes among
+# several bars' samples are a uniform random sample of those bars together (``quantile_bands``).
 CTX_WIDTH = 16
 SAMPLE_DTYPE = np.dtype([("seq", "<i4"), ("pos", "<i4"), ("act", "<f4"), ("bin", "<i2"), ("at", "<i2"),
-                         ("n_ctx", "<i2"), ("ctx", "<i4", (CTX_WIDTH,))])
+                         ("n_ctx", "<i2"), ("ctx", "<i4", (CTX_WIDTH,)), ("hash", "<i8")])
+TOP, BOTTOM = 1, -1  # NeuronExampleRow.side
 
 
 class NeuronStatsRow(Base):
@@ -31,12 +34,15 @@ class NeuronStatsRow(Base):
     max: Mapped[float] = mapped_column(Float)
     min: Mapped[float] = mapped_column(Float)
     frac_pos: Mapped[float] = mapped_column(Float)
+    bos_act: Mapped[float | None] = mapped_column(Float, nullable=True)  # on BOS (never scored); NULL: no BOS
     hist: Mapped[bytes] = mapped_column(LargeBinary)  # int64 counts of the shown bars
     hist_edges: Mapped[bytes] = mapped_column(LargeBinary)  # float64 bar edges, one more than bars
     spectrum: Mapped[bytes] = mapped_column(LargeBinary)  # SAMPLE_DTYPE records
     top_tokens: Mapped[list] = mapped_column(JSON)  # [[token_id, mean_act, count], ...]
-    logit_top: Mapped[list] = mapped_column(JSON)  # [[token_id, effect], ...]
+    logit_top: Mapped[list] = mapped_column(JSON)  # [[token_id, effect, corpus count (-1: unknown)], ...]
     logit_bottom: Mapped[list] = mapped_column(JSON)
+    logit_top_seen: Mapped[list] = mapped_column(JSON)  # the same among tokens seen in the corpus
+    logit_bottom_seen: Mapped[list] = mapped_column(JSON)
 
 
 class NeuronExampleRow(Base):
@@ -46,6 +52,7 @@ class NeuronExampleRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     layer: Mapped[int] = mapped_column(Integer)
     neuron: Mapped[int] = mapped_column(Integer)
+    side: Mapped[int] = mapped_column(Integer)  # TOP (highest first) or BOTTOM (lowest first)
     rank: Mapped[int] = mapped_column(Integer)
     seq_idx: Mapped[int] = mapped_column(Integer)
     pos: Mapped[int] = mapped_column(Integer)
@@ -61,8 +68,13 @@ def _r(x: float, nd: int = 5) -> float:
 def write_neurons(s: Session, run_id: int, result) -> None:
     """All rows of a neuron-job result, in the caller's transaction."""
     stats, examples = [], []
+    counts = result.token_counts
+
+    def effects(ids, values):
+        return [[int(t), _r(v), int(counts[t]) if counts is not None and t < len(counts) else -1]
+                for t, v in zip(ids, values) if t >= 0]
+
     for L in result.layers:
-        ex = L.examples
         for n in range(len(L.mean)):
             tt = [
                 [int(t), _r(m), int(c)]
@@ -73,20 +85,24 @@ def write_neurons(s: Session, run_id: int, result) -> None:
                 dict(
                     run_id=run_id, layer=L.layer, neuron=n, mean=float(L.mean[n]), std=float(L.std[n]),
                     max=float(L.max[n]), min=float(L.min[n]), frac_pos=float(L.frac_pos[n]),
+                    bos_act=None if np.isnan(L.bos[n]) else float(L.bos[n]),
                     hist=to_blob(L.hist[n].astype("<i8")), hist_edges=to_blob(L.hist_edges[n].astype("<f8")),
                     spectrum=to_blob(L.spectrum[n].astype(SAMPLE_DTYPE)), top_tokens=tt,
-                    logit_top=[[int(t), _r(v)] for t, v in zip(L.logit_top[n], L.logit_top_values[n])],
-                    logit_bottom=[[int(t), _r(v)] for t, v in zip(L.logit_bottom[n], L.logit_bottom_values[n])],
+                    logit_top=effects(L.logit_top[n], L.logit_top_values[n]),
+                    logit_bottom=effects(L.logit_bottom[n], L.logit_bottom_values[n]),
+                    logit_top_seen=effects(L.logit_top_seen[n], L.logit_top_seen_values[n]),
+                    logit_bottom_seen=effects(L.logit_bottom_seen[n], L.logit_bottom_seen_values[n]),
                 )
             )
-            for rank, e in enumerate(range(ex.offsets[n], ex.offsets[n + 1])):
-                examples.append(
-                    dict(
-                        run_id=run_id, layer=L.layer, neuron=n, rank=rank, seq_idx=int(ex.seq[e]), pos=int(ex.pos[e]),
-                        act=float(ex.act[e]), win_start=int(ex.win_start[e]),
-                        acts=to_blob(ex.win[e, : ex.win_len[e]].astype(np.float32)),
+            for side, ex in ((TOP, L.examples), (BOTTOM, L.bottom)):
+                for rank, e in enumerate(range(ex.offsets[n], ex.offsets[n + 1])):
+                    examples.append(
+                        dict(
+                            run_id=run_id, layer=L.layer, neuron=n, side=side, rank=rank, seq_idx=int(ex.seq[e]),
+                            pos=int(ex.pos[e]), act=float(ex.act[e]), win_start=int(ex.win_start[e]),
+                            acts=to_blob(ex.win[e, : ex.win_len[e]].astype(np.float32)),
+                        )
                     )
-                )
     for i in range(0, len(stats), 5000):
         s.execute(insert(NeuronStatsRow), stats[i : i + 5000])
     for i in range(0, len(examples), 5000):
@@ -145,7 +161,22 @@ class SpectrumSample:
 class TokenScore:
     token: Token
     value: float
-    count: int = 0
+    count: int = 0  # times seen in the corpus (-1: not known, the token was not tracked)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Examples from one interval of the positive activation range (SAEDashboard's quantile
+    groups): whole histogram bars whose lower edge, clipped at 0, falls in the band's tenth of
+    0..max; a uniform random sample of their tokens (the smallest sample hashes)."""
+
+    lo: float  # lower edge of its first bar
+    hi: float  # upper edge of its last bar
+    count: int  # tokens in its bars
+    samples: tuple[SpectrumSample, ...]  # highest first
+
+
+N_BANDS, PER_BAND = 10, 5
 
 
 @dataclass(frozen=True)
@@ -158,8 +189,18 @@ class NeuronPage:
     histogram: Histogram
     spectrum: tuple[SpectrumSample, ...]
     top_tokens: tuple[TokenScore, ...]
-    logit_top: tuple[TokenScore, ...]
+    logit_top: tuple[TokenScore, ...]  # among all tokens of the unembedding
     logit_bottom: tuple[TokenScore, ...]
+    bottom_examples: tuple[ExampleView, ...] = ()  # lowest first
+    bands: tuple[Band, ...] = ()  # highest first
+    bos_act: float | None = None  # the activation on BOS (never scored); None: no BOS
+    logit_top_seen: tuple[TokenScore, ...] = ()  # among tokens seen in the corpus
+    logit_bottom_seen: tuple[TokenScore, ...] = ()
+
+    @property
+    def bos_above_max(self) -> bool:
+        """Does the unscored BOS activation exceed every scored one?"""
+        return self.bos_act is not None and self.bos_act > self.stats.max
 
 
 @dataclass(frozen=True)
@@ -201,22 +242,27 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
     row = _stats_row(s, run, int(layer), int(neuron), info)
     voc = vocab(s, model)
     special = set(info.special_ids)
+    table = [Token(i, text, i in special) for i, text in enumerate(voc)]  # one Token per id, looked up below
+
+    def tok_(t) -> Token:
+        t = int(t)
+        return table[t] if 0 <= t < len(table) else _token(t, voc, special)
     ex_rows = s.scalars(
         select(NeuronExampleRow)
         .where(NeuronExampleRow.run_id == run.id, NeuronExampleRow.layer == layer, NeuronExampleRow.neuron == neuron)
-        .order_by(NeuronExampleRow.rank)
+        .order_by(NeuronExampleRow.side.desc(), NeuronExampleRow.rank)
     ).all()
     samples = from_blob(row.spectrum, SAMPLE_DTYPE)
     toks = sequence_tokens(s, run.id, {e.seq_idx for e in ex_rows})
     story = sequence_stories(s, run.id, [e.seq_idx for e in ex_rows])
-    examples = []
+    examples = {TOP: [], BOTTOM: []}
     for e in ex_rows:
         acts = from_blob(e.acts, np.float32)
         ids = toks[e.seq_idx][e.win_start : e.win_start + len(acts)]
-        examples.append(
+        examples[e.side].append(
             ExampleView(
                 rank=e.rank, seq_idx=e.seq_idx, story_id=int(story.get(e.seq_idx, -1)), pos=e.pos, act=e.act,
-                win_start=e.win_start, tokens=tuple(_token(t, voc, special) for t in ids),
+                win_start=e.win_start, tokens=tuple(tok_(t) for t in ids),
                 acts=tuple(float(a) for a in acts),
             )
         )
@@ -226,27 +272,61 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
     for rec in samples:
         ctx = [int(t) for t in rec["ctx"][: rec["n_ctx"]]]
         at = int(rec["at"])
-        before = "".join(_token(t, voc, special).text for t in ctx[:at])
-        after = "".join(_token(t, voc, special).text for t in ctx[at + 1 :])
-        tok = _token(ctx[at], voc, special)
+        before = "".join(tok_(t).text for t in ctx[:at])
+        after = "".join(tok_(t).text for t in ctx[at + 1 :])
+        tok = tok_(ctx[at])
         spectrum.append(
             SpectrumSample(
                 seq_idx=int(rec["seq"]), pos=int(rec["pos"]), act=float(rec["act"]), bin=int(rec["bin"]), token=tok,
                 context=f"{before}[[{tok.text}]]{after}",
             )
         )
+
+    def effects(pairs):
+        return tuple(TokenScore(tok_(t), v, c) for t, v, c in pairs)
+
     return NeuronPage(
         run=run,
         stats=NeuronStats(layer, neuron, row.mean, row.std, row.max, row.min, row.frac_pos),
         d_mlp=info.d_mlp,
         n_layers=info.n_layers,
-        examples=tuple(examples),
+        examples=tuple(examples[TOP]),
+        bottom_examples=tuple(examples[BOTTOM]),
+        bands=quantile_bands(edges, counts, samples["bin"], samples["hash"], spectrum, row.max),
+        bos_act=row.bos_act,
         histogram=Histogram(tuple(float(x) for x in edges), tuple(int(c) for c in counts)),
         spectrum=tuple(spectrum),
-        top_tokens=tuple(TokenScore(_token(t, voc, special), m, c) for t, m, c in row.top_tokens),
-        logit_top=tuple(TokenScore(_token(t, voc, special), v) for t, v in row.logit_top),
-        logit_bottom=tuple(TokenScore(_token(t, voc, special), v) for t, v in row.logit_bottom),
+        top_tokens=tuple(TokenScore(tok_(t), m, c) for t, m, c in row.top_tokens),
+        logit_top=effects(row.logit_top),
+        logit_bottom=effects(row.logit_bottom),
+        logit_top_seen=effects(row.logit_top_seen),
+        logit_bottom_seen=effects(row.logit_bottom_seen),
     )
+
+
+def quantile_bands(edges, counts, s_bin, s_hash, spectrum, vmax: float, n_bands: int = N_BANDS,
+                   per_band: int = PER_BAND) -> tuple[Band, ...]:
+    """The positive range 0..``vmax`` cut into ``n_bands`` bands of whole histogram bars (a bar
+    goes to the band of its lower edge clipped at 0; bars entirely <= 0 to none), highest first,
+    empty bands left out. Each bar's stored samples are its tokens with the smallest hashes, so
+    the ``per_band`` smallest hashes among a band's samples are a uniform random sample of the
+    band's tokens, the same however the run was sharded."""
+    if not vmax > 0:
+        return ()
+    members: dict[int, list[int]] = {}
+    for b in range(len(counts)):
+        if edges[b + 1] <= 0 or counts[b] == 0:
+            continue
+        members.setdefault(min(n_bands - 1, int(n_bands * max(edges[b], 0.0) / vmax)), []).append(b)
+    out = []
+    for band in sorted(members, reverse=True):
+        bars = members[band]
+        pick = np.nonzero(np.isin(s_bin, bars))[0]
+        pick = pick[np.argsort(s_hash[pick], kind="stable")][:per_band]
+        chosen = sorted((spectrum[i] for i in pick), key=lambda smp: -smp.act)
+        out.append(Band(float(edges[bars[0]]), float(edges[bars[-1] + 1]), int(sum(counts[b] for b in bars)),
+                        tuple(chosen)))
+    return tuple(out)
 
 
 def layer_neurons(s: Session, model: str, layer: int | None = None, run_id: int | None = None) -> list[NeuronSummary]:
