@@ -360,7 +360,7 @@ class NeuronsAccumulator:
         nxt = object.__new__(NeuronsAccumulator)
         nxt.__dict__.update(self.__dict__)
         nxt.state = {l: replace(st, mean=np.zeros_like(st.mean), m2=np.zeros_like(st.m2),
-                                            npos=np.zeros_like(st.npos), tsum=np.zeros_like(st.tsum))
+                            npos=np.zeros_like(st.npos), tsum=np.zeros_like(st.tsum))
                      for l, st in self.state.items()}
         nxt.n, nxt.tcount, nxt._dev = 0, np.zeros_like(self.tcount), None
         return nxt
