@@ -50,6 +50,7 @@ class TrainConfig:
     threads: int | None = None
     max_minutes: float | None = None  # wall-clock budget: the schedule follows time when it runs short
     sample_prompt: str = "once upon a time"
+    synth_probe: int | None = None  # seed of held-out synth stories: log the loss on each planted label
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -184,6 +185,16 @@ def run(cfg: TrainConfig) -> TrainResult:
         betas=(0.9, 0.95),
     )
     history: list[dict] = []
+    probe = None
+    if cfg.synth_probe is not None:
+        from itertools import islice
+
+        from .synth import SynthConfig, generate
+        from .synth.labels import probe as synth_probe
+
+        probe_stories = list(islice(generate(SynthConfig(seed=cfg.synth_probe)), 256))
+        probe = lambda: synth_probe(model, tokenizer, probe_stories, cfg.n_ctx)  # noqa: E731
+        history.append({"step": 0, "train_loss_ema": None, "seconds": round(time.time() - t0, 1), "probe": probe()})
     ema = None
     bar = tqdm(range(cfg.steps), desc="train", unit="step")
     t_train = time.time()
@@ -210,11 +221,15 @@ def run(cfg: TrainConfig) -> TrainResult:
             rec = {"step": step + 1, "train_loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)}
             if val is not None:
                 rec["val_loss"] = round(eval_loss(model, val, cfg.n_ctx, cfg.eval_tokens, cfg.device), 4)
+            if probe is not None:
+                rec["probe"] = probe()
             history.append(rec)
             tqdm.write(json.dumps(rec))
 
     if not history or history[-1]["step"] != steps_done:
         rec = {"step": steps_done, "train_loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)}
+        if probe is not None:
+            rec["probe"] = probe()
         history.append(rec)
     final_train = eval_loss(model, train, cfg.n_ctx, cfg.eval_tokens * 4, cfg.device)
     val_loss = eval_loss(model, val, cfg.n_ctx, len(val), cfg.device) if val is not None else None
@@ -275,6 +290,7 @@ def model_card(cfg: TrainConfig, r: TrainResult) -> str:
     curve = "\n".join(
         f"| {h['step']} | {h['train_loss_ema']:.3f} | {h.get('val_loss', float('nan')):.3f} | {h['seconds']:.0f} |"
         for h in r.history
+        if h.get("train_loss_ema") is not None
     )
     return f"""# {Path(cfg.out).name}
 
