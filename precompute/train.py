@@ -323,5 +323,69 @@ differs from the full-set number above):
 |---|---|---|---|
 {curve}
 
-Reproduce: `precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps}{f" --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}`
+{_synth_section(cfg, r)}
+Reproduce: {_synth_command(cfg)}`precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps}{f" --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}{_extra_args(cfg)}`
+"""
+
+
+def _extra_args(cfg: TrainConfig) -> str:
+    """Options the reproduce line needs when they differ from the defaults."""
+    default = TrainConfig(corpus="", out="")
+    out = ""
+    for name, flag in (("n_ctx", "--n-ctx"), ("lr", "--lr"), ("threads", "--threads"), ("eval_every", "--eval-every"),
+                       ("synth_probe", "--synth-probe")):
+        if getattr(cfg, name) != getattr(default, name):
+            out += f" {flag} {getattr(cfg, name)}"
+    return out
+
+
+def _synth_command(cfg: TrainConfig) -> str:
+    from .synth.facts import synth_spec
+
+    out = ""
+    for corpus in (cfg.corpus, cfg.val_corpus):
+        try:
+            seed, tokens = synth_spec(corpus or "")
+        except ValueError:
+            continue
+        out += f"`precompute corpus synth --seed {seed} --tokens {tokens} --out {corpus}`, then "
+    return out
+
+
+def _synth_section(cfg: TrainConfig, r: TrainResult) -> str:
+    """The planted facts and the loss on each planted label during training (``--synth-probe``)."""
+    if cfg.synth_probe is None:
+        return ""
+    from .synth.facts import synth_spec
+    from .synth.grammar import N_NAMES, PHRASES
+
+    try:
+        seed, tokens = synth_spec(cfg.corpus)
+        corpus = f"seed {seed}, {tokens:,} words and punctuation marks"
+    except ValueError:
+        corpus = f"`{cfg.corpus}`"
+    cols = ("all", "name_first", "name_later", "pronoun", "quote", "phrase_end_k2", "phrase_end_k4", "phrase_end_k6",
+            "secret_later")
+    rows = "\n".join(f"| {h['step']} | " + " | ".join(f"{h['probe'].get(c, float('nan')):.3f}" for c in cols) + " |"
+                      for h in r.history if "probe" in h)
+    phrases = "; ".join(f"k = {k}: " + ", ".join(" ".join(p) for p in fam) for k, fam in PHRASES.items())
+    return f"""
+## Planted structure
+
+The training text is `precompute corpus synth` stories ({corpus}; regenerated from the seed,
+byte for byte, so it needs no download). Planted in every story:
+
+- a **name** drawn from {N_NAMES:,} made-up names, introduced in the first sentence and repeated
+  later: a later mention is predictable only by copying the first (an induction/copying mechanism);
+- fixed **phrases** whose last word is fixed by the word k back and not by the k - 1 words
+  before it ({phrases});
+- **pronouns** she/her or he/his that follow the gender given in the first sentence;
+- **quotes** `said, "..."` that open and close;
+- three **secret words** told once and repeated at the end inside a quote.
+
+Loss (nats/token) on the tokens of each planted label, 256 held-out stories of seed {cfg.synth_probe}:
+
+| step | {" | ".join(cols)} |
+|---|{"---|" * len(cols)}
+{rows}
 """

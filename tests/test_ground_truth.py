@@ -1,0 +1,188 @@
+"""The bundled synth model (data/models/synth-2l) against what was planted in its training
+stories, each value checked by an independent plain computation: attention read from the raw
+Hugging Face model, a head removed by zeroing its value weights (not by the pre-hook the tool
+uses), n-gram counts over the regenerated training text, neuron activations from a hook on the
+MLP's activation function."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from precompute.models import load_model
+from precompute.synth import PHRASES
+from precompute.synth.facts import eval_stories, ground_truth, training_corpus
+from precompute.synth.labels import batch_of, token_losses
+
+MODEL = Path(__file__).resolve().parents[1] / "data/models/synth-2l"
+N_STORIES = 150
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(str(MODEL))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="module")
+def gt(lm, cache):
+    return ground_truth(lm, MODEL, eval_seed=1000, n_stories=N_STORIES, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def batch(lm):
+    return batch_of(lm.tokenizer, eval_stories(1000, N_STORIES), lm.n_ctx)
+
+
+def _attentions(lm, ids):
+    with torch.no_grad():
+        return lm.model(input_ids=ids, output_attentions=True).attentions  # per layer [batch, head, q, k]
+
+
+def test_model_card_names_the_corpus_seed_and_planted_facts():
+    info = json.loads((MODEL / "training.json").read_text())
+    assert Path(info["config"]["corpus"]).name == "synth-0-2000000.txt"
+    card = (MODEL / "README.md").read_text()
+    for words in ("seed 0", "2,000,000", "name", "phrase", "quote"):
+        assert words in card
+    assert sum(p.stat().st_size for p in MODEL.iterdir()) < 3_000_000
+
+
+def test_loss_on_later_names_drops_in_training():
+    hist = [h for h in json.loads((MODEL / "training.json").read_text())["result"]["history"] if "probe" in h]
+    names = [h["probe"]["name_later"] for h in hist]
+    first = [h["probe"]["name_first"] for h in hist]
+    assert names[0] > 5 and names[-1] < 0.2 * names[0]  # copying formed
+    assert first[-1] > 5  # a first mention stays unpredictable: 19,595 names
+
+
+def test_induction_head_scores_high_by_a_plain_computation(lm, gt):
+    gen = torch.Generator().manual_seed(123)  # not the job's seed
+    half = 40
+    rows = [torch.randperm(lm.vocab_size - 1, generator=gen)[:half] + 1 for _ in range(8)]  # id 0 is BOS
+    ids = torch.stack([torch.cat([torch.tensor([lm.bos_id]), r, r]) for r in rows])
+    att = _attentions(lm, ids)
+    q = torch.arange(1 + half, 1 + 2 * half)
+    plain = {(l, h): float(a[:, h, q, q - half + 1].mean()) for l, a in enumerate(att) for h in range(a.shape[1])}
+    ind = gt.induction_head()
+    assert max(plain, key=plain.get) == (ind.layer, ind.head)
+    assert plain[(ind.layer, ind.head)] == pytest.approx(ind.induction, abs=0.05)
+    assert ind.induction > 0.5
+
+
+def test_previous_token_head_sits_in_an_earlier_layer(lm, gt, batch):
+    ids, real, _ = batch
+    att = _attentions(lm, ids)
+    ind = gt.induction_head()
+    best = None
+    for l in range(ind.layer):
+        for h in range(lm.n_heads):
+            a = att[l][:, h]
+            w = [float(a[r, p, p - 1]) for r in range(len(ids)) for p in range(1, len(ids[0])) if real[r, p]]
+            score = float(np.mean(w))
+            assert score == pytest.approx(gt.head(l, h).prev_token, abs=1e-4)
+            best = max(best or (score, l, h), (score, l, h))
+    assert best is not None and best[0] > 0.5
+
+
+def test_zeroing_the_induction_head_raises_the_name_loss_most(lm, gt, batch):
+    ids, real, masks = batch
+    names = masks["name_later"] & real
+    base = token_losses(lm.model, ids)[names].mean()
+    d_head = lm.d_model // lm.n_heads
+    rises = {}
+    for l in range(lm.n_layers):
+        for h in range(lm.n_heads):
+            m = copy.deepcopy(lm.model)
+            with torch.no_grad():  # the head's values are zero, so is its output
+                v = slice(2 * lm.d_model + h * d_head, 2 * lm.d_model + (h + 1) * d_head)
+                m.transformer.h[l].attn.c_attn.weight[:, v] = 0
+                m.transformer.h[l].attn.c_attn.bias[v] = 0
+            rises[(l, h)] = token_losses(m, ids)[names].mean() - base
+            assert rises[(l, h)] == pytest.approx(gt.head(l, h).name_loss_rise, abs=1e-4)
+    ind = gt.induction_head()
+    assert max(rises, key=rises.get) == (ind.layer, ind.head)
+    assert rises[(ind.layer, ind.head)] > 1.0
+
+
+def test_optimal_rule_inside_phrases_has_the_planted_length(lm, gt, cache):
+    """The planted k holds at the token level in the regenerated training text (counted here),
+    and the rules job's optimal rule there has length k and agrees with the model."""
+    text = training_corpus(MODEL, cache).read_text().splitlines()[:3000]
+    nexts = defaultdict(set)
+    for line in text:
+        t = [lm.bos_id] + lm.tokenizer(line)["input_ids"]
+        for n in range(1, 8):
+            for i in range(n, len(t)):
+                nexts[tuple(t[i - n : i])].add(t[i])
+    for k, family in PHRASES.items():
+        for words in family:
+            t = lm.tokenizer(" " + " ".join(words))["input_ids"]
+            assert len(t) == len(words)  # one token per phrase word
+            assert len(nexts[tuple(t[-1 - k : -1])]) == 1 and len(nexts[tuple(t[-k:-1])]) > 1
+    assert [r.k for r in gt.rules] == sorted(PHRASES)
+    for r in gt.rules:
+        assert r.n_tokens >= 20
+        assert r.share_length_k > 0.9 and r.agreement > 0.9 and r.model_correct > 0.9, r
+
+
+def _hand_induction_model(V: int = 40, N: int = 48, C: float = 4.0):
+    """A hand-set 2-layer attention-only GPT-2 (one head per layer): layer 0 attends to the
+    previous position and writes that token into a 'previous token' subspace; layer 1's query is
+    the current token, its key the previous-token subspace, so it attends to the token right after
+    an earlier copy of the current one: previous-token + induction, exactly."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from precompute.models import ADAPTERS, LoadedModel
+
+    d = 2 * V + N
+    T, P, Q = 0, V, V + N  # token, position and previous-token dims start here
+    cfg = GPT2Config(vocab_size=V, n_positions=N, n_embd=d, n_layer=2, n_head=1, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.wte.weight[torch.arange(V), T + torch.arange(V)] = 1.0
+        model.transformer.wpe.weight[torch.arange(N), P + torch.arange(N)] = 1.0
+        for blk in model.transformer.h:
+            blk.ln_1.weight.fill_(1.0)
+            blk.ln_2.weight.fill_(1.0)
+            blk.attn.c_proj.weight.copy_(torch.eye(d))
+        model.transformer.ln_f.weight.fill_(1.0)
+        w0 = model.transformer.h[0].attn.c_attn.weight  # Conv1D [d, 3d]: columns q | k | v
+        w0[P + torch.arange(1, N), P + torch.arange(N - 1)] = C  # query of position p: position p - 1
+        w0[P + torch.arange(N), d + P + torch.arange(N)] = 1.0  # key of position j: position j
+        w0[T + torch.arange(V), 2 * d + Q + torch.arange(V)] = 1.0  # value: the token, into the previous-token dims
+        w1 = model.transformer.h[1].attn.c_attn.weight
+        w1[T + torch.arange(V), Q + torch.arange(V)] = 10 * C  # query: the current token (the key is weaker after ln_1)
+        w1[Q + torch.arange(V), d + Q + torch.arange(V)] = 1.0  # key: the previous token
+    model.eval()
+    tok = SimpleNamespace(bos_token_id=0, eos_token_id=0, all_special_ids=[0])
+    return LoadedModel(model_id="hand-induction", model=model, tokenizer=tok, adapter=ADAPTERS["GPT2LMHeadModel"],
+                       architecture="GPT2LMHeadModel")
+
+
+def test_hand_set_previous_token_plus_induction_scores_near_one():
+    from precompute.jobs.heads import induction_scores
+
+    lm = _hand_induction_model()
+    scores = induction_scores(lm, half=20, batch=8, seed=0)
+    assert scores[1][0] > 0.99  # the induction head
+    assert scores[0][0] < 0.05  # the previous-token head attends one back, not to the copy
+    ids = torch.tensor([[0, 5, 9, 3, 5, 9, 3]])
+    with torch.no_grad():
+        a0 = lm.forward(ids, output_attentions=True).attentions[0][0, 0]
+    assert float(a0[torch.arange(1, 7), torch.arange(0, 6)].min()) > 0.99
