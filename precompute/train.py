@@ -307,10 +307,7 @@ A small GPT-2-style language model trained from scratch by `precompute train` (t
 | validation loss | {val} (all {r.val_tokens:,} validation tokens) |
 | training time | {r.seconds / 60:.1f} min |
 
-Validation text is split into paragraphs (the file marks stories and paragraphs alike with a
-blank line), each preceded by BOS, so paragraph starts count as story starts: this slightly
-overstates the loss. The training corpus is small (about 1M tokens) and the model saw it
-about {r.steps * cfg.batch_size * cfg.n_ctx / max(1, r.train_tokens):.0f} times.
+{_corpus_note(cfg, r)}
 
 Greedy continuation of "{cfg.sample_prompt}":
 
@@ -326,6 +323,15 @@ differs from the full-set number above):
 {_synth_section(cfg, r)}
 Reproduce: {_synth_command(cfg)}`precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps}{f" --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}{_extra_args(cfg)}`
 """
+
+
+def _corpus_note(cfg: TrainConfig, r: TrainResult) -> str:
+    seen = f"The model saw the training corpus about {r.steps * cfg.batch_size * cfg.n_ctx / max(1, r.train_tokens):.0f} times."
+    if cfg.synth_probe is not None:
+        return f"One story per line, each preceded by BOS. {seen}"
+    return ("Validation text is split into paragraphs (the file marks stories and paragraphs alike with a\n"
+            "blank line), each preceded by BOS, so paragraph starts count as story starts: this slightly\n"
+            f"overstates the loss. The training corpus is small (about 1M tokens). {seen}")
 
 
 def _extra_args(cfg: TrainConfig) -> str:
@@ -367,7 +373,8 @@ def _synth_section(cfg: TrainConfig, r: TrainResult) -> str:
     cols = ("all", "name_first", "name_later", "pronoun", "quote", "phrase_end_k2", "phrase_end_k4", "phrase_end_k6",
             "secret_later")
     rows = "\n".join(f"| {h['step']} | " + " | ".join(f"{h['probe'].get(c, float('nan')):.3f}" for c in cols) + " |"
-                      for h in r.history if "probe" in h)
+                      for h in r.history if "probe" in h and (h["step"] <= 1500 or h["step"] % 500 == 0
+                                                              or h is r.history[-1]))
     phrases = "; ".join(f"k = {k}: " + ", ".join(" ".join(p) for p in fam) for k, fam in PHRASES.items())
     return f"""
 ## Planted structure
@@ -375,15 +382,17 @@ def _synth_section(cfg: TrainConfig, r: TrainResult) -> str:
 The training text is `precompute corpus synth` stories ({corpus}; regenerated from the seed,
 byte for byte, so it needs no download). Planted in every story:
 
-- a **name** drawn from {N_NAMES:,} made-up names, introduced in the first sentence and repeated
-  later: a later mention is predictable only by copying the first (an induction/copying mechanism);
+- two **names** (a character and a friend) drawn from {N_NAMES:,} made-up names, introduced in the
+  first two sentences and repeated later: a later mention is predictable only by copying (with two
+  names in play, each name token after the first is fixed by the token before it: induction);
 - fixed **phrases** whose last word is fixed by the word k back and not by the k - 1 words
   before it ({phrases});
 - **pronouns** she/her or he/his that follow the gender given in the first sentence;
 - **quotes** `said, "..."` that open and close;
-- three **secret words** told once and repeated at the end inside a quote.
+- five **secret words** told once and repeated at the end (a copied arbitrary sequence).
 
-Loss (nats/token) on the tokens of each planted label, 256 held-out stories of seed {cfg.synth_probe}:
+Loss (nats/token) on the tokens of each planted label, 256 held-out stories of seed {cfg.synth_probe}
+(every 100 steps up to 1,500, then every 500; all of them in training.json):
 
 | step | {" | ".join(cols)} |
 |---|{"---|" * len(cols)}

@@ -186,3 +186,25 @@ def test_hand_set_previous_token_plus_induction_scores_near_one():
     with torch.no_grad():
         a0 = lm.forward(ids, output_attentions=True).attentions[0][0, 0]
     assert float(a0[torch.arange(1, 7), torch.arange(0, 6)].min()) > 0.99
+
+
+def test_a_neuron_fires_inside_quotes(lm, gt, batch):
+    """The neuron facts recomputed from a hook on the MLP's activation function (GELU output)."""
+    ids, real, masks = batch
+    acts = {}
+    hooks = [lm.model.transformer.h[l].mlp.act.register_forward_hook(lambda _m, _i, out, l=l: acts.__setitem__(l, out))
+             for l in range(lm.n_layers)]
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for fact in gt.neurons:
+        a = acts[fact.layer][..., fact.neuron][torch.tensor(real)]
+        top = a >= a.max() - 0.2 * (a.max() - a.min())
+        lab = torch.tensor(masks[fact.label][real])
+        assert int(top.sum()) == fact.n_top
+        assert float((top & lab).sum() / top.sum()) == pytest.approx(fact.share, abs=1e-6)
+    quote = next(f for f in gt.neurons if f.label == "quote")
+    assert quote.share > 0.9 and quote.n_top >= 20 and quote.base_rate < 0.15

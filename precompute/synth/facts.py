@@ -37,6 +37,7 @@ class HeadFact:
     induction: float  # heads job, repeated random tokens
     prev_token: float  # heads job's mean weight on the previous token, on synth stories
     name_loss_rise: float  # loss on later name mentions with this head zeroed, minus the intact loss
+    secret_loss_rise: float  # the same on the repeated secret words
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def head_facts(lm: LoadedModel, stories: list[Story]) -> tuple[list[HeadFact], d
     ids, real, masks = batch_of(lm.tokenizer, stories, lm.n_ctx)
     base = token_losses(lm.model, ids)
     names = masks["name_later"] & real
+    secret = masks["secret_later"] & real
     seqs = sequences_of(lm, ids, real)
     heads = heads_run(lm, seqs, HeadsConfig(n_examples=1))
     half = min(50, (lm.n_ctx - 1) // 2)
@@ -144,8 +146,10 @@ def head_facts(lm: LoadedModel, stories: list[Story]) -> tuple[list[HeadFact], d
     out = []
     for lh in heads.layers:
         for h in range(lm.n_heads):
-            rise = float(ablated_losses(lm, ids, lh.layer, h)[names].mean() - base[names].mean())
-            out.append(HeadFact(lh.layer, h, float(ind[lh.layer][h]), float(lh.prev_token[h]), rise))
+            ab = ablated_losses(lm, ids, lh.layer, h)
+            out.append(HeadFact(lh.layer, h, float(ind[lh.layer][h]), float(lh.prev_token[h]),
+                                float(ab[names].mean() - base[names].mean()),
+                                float(ab[secret].mean() - base[secret].mean()) if secret.any() else float("nan")))
     return out, label_losses(base, real, masks)
 
 

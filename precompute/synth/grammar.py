@@ -3,14 +3,16 @@
 Every story is one line (lowercase, so the lowercasing tokenizer changes nothing) and carries
 character spans of what was planted:
 
-- ``name_first`` / ``name_later``: the main character's name, drawn from ``N_NAMES`` made-up
-  two-syllable names; the later mentions are predictable only by copying the first one;
+- ``name_first`` / ``name_later``: the main character's name and a friend's, each drawn from
+  ``N_NAMES`` made-up two-syllable names, introduced in the first two sentences; the later
+  mentions are predictable only by copying (with two names in play, a token of a name is
+  fixed by the token before it at the first mention: an induction head's job);
 - ``pronoun``: she/he/her/his, set by the character's gender given in the first sentence;
 - ``quote``: the text between an opening and its closing double quote;
 - ``phrase``: a planted fixed phrase; ``phrase_end_k{k}``: its last word, which the previous
   ``k`` words determine and the previous ``k - 1`` do not (the phrases of one family share
   everything but their first and last word, and no phrase word occurs outside the phrases);
-- ``secret_first`` / ``secret_later``: three random words said once and repeated later
+- ``secret_first`` / ``secret_later``: five random words said once and repeated at the end
   (a copy of an arbitrary sequence: what an induction head does).
 
 ``python -m precompute.cli corpus synth --seed 0 --tokens 1000000 --out synth.txt`` writes one
@@ -67,6 +69,9 @@ NAMES = _names()
 N_NAMES = len(NAMES)
 
 
+N_SECRET = 5  # secret words, told once and repeated at the end
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     seed: int = 0
@@ -83,6 +88,7 @@ class Story:
     spans: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, label), character offsets
     name: str = ""
     gender: str = ""
+    friend: str = ""
 
     def n_units(self) -> int:
         """Words plus punctuation marks: close to the token count of a word-level tokenizer."""
@@ -129,11 +135,16 @@ def _story(rng: random.Random) -> Story:
         b.word(w)
     b.word(name, "name_first")
     b.punct(".")
-    secret = [rng.choice(_SECRET) for _ in range(3)]
+    friend = rng.choice(NAMES)
+    for w in (poss, "friend", "was", "named"):
+        b.word(w, *(("pronoun",) if w == poss else ()))
+    b.word(friend, "name_first")
+    b.punct(".")
+    secret = [rng.choice(_SECRET) for _ in range(N_SECRET)]
     said_secret = False
     sentences = rng.randint(6, 10)
-    kinds = ["go", "see", "like", "phrase", "say", "secret"] + [rng.choice(["go", "see", "like", "phrase", "say"])
-                                                                for _ in range(sentences - 6)]
+    kinds = ["go", "see", "like", "phrase", "say", "play", "secret"] + [
+        rng.choice(["go", "see", "like", "phrase", "say", "play"]) for _ in range(sentences - 6)]
     rng.shuffle(kinds)
     if "secret" in kinds:  # the secret is told in the first half and repeated at the end
         kinds.remove("secret")
@@ -159,6 +170,11 @@ def _story(rng: random.Random) -> Story:
             b.word("liked")
             b.word(poss, "pronoun")
             b.word(rng.choice(_THINGS))
+        elif kind == "play":
+            subject()
+            for w in ("played", "with"):
+                b.word(w)
+            b.word(friend, "name_later")
         elif kind == "phrase":
             k = rng.choice(list(PHRASES))
             words = rng.choice(PHRASES[k])
@@ -175,7 +191,7 @@ def _story(rng: random.Random) -> Story:
             b.punct('"')
         elif kind == "secret":
             b.word(poss, "pronoun")
-            for w in ("secret", "word", "was"):
+            for w in ("secret", "words", "were"):
                 b.word(w)
             for w in secret:
                 b.word(w, "secret_first")
@@ -185,14 +201,12 @@ def _story(rng: random.Random) -> Story:
         for w in ("at", "the", "end"):
             b.word(w)
         subject()
-        b.word("said")
-        b.punct(",")
-        b.open_quote()
+        for w in ("said", "the", "secret", "words"):
+            b.word(w)
         for w in secret:
-            b.word(w, "quote", "secret_later")
-        b.punct('"')
+            b.word(w, "secret_later")
         b.punct(".")
-    return Story(text=b.text(), spans=b.spans, name=name, gender="girl" if girl else "boy")
+    return Story(text=b.text(), spans=b.spans, name=name, gender="girl" if girl else "boy", friend=friend)
 
 
 def generate(cfg: SynthConfig):
@@ -216,7 +230,7 @@ def write_corpus(cfg: SynthConfig, out: str | Path, labels: str | Path | None = 
             for s in generate(cfg):
                 f.write(s.text + "\n")
                 if lab:
-                    lab.write(json.dumps({"name": s.name, "gender": s.gender, "spans": s.spans}) + "\n")
+                    lab.write(json.dumps({"name": s.name, "friend": s.friend, "gender": s.gender, "spans": s.spans}) + "\n")
                 n_stories += 1
                 n_units += s.n_units()
     finally:
