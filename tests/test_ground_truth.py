@@ -62,11 +62,13 @@ def test_loss_on_later_names_drops_in_training():
     hist = [h for h in json.loads((MODEL / "training.json").read_text())["result"]["history"] if "probe" in h]
     names = [h["probe"]["name_later"] for h in hist]
     first = [h["probe"]["name_first"] for h in hist]
-    assert names[0] > 5 and names[-1] < 0.2 * names[0]  # copying formed
-    assert first[-1] > 5  # a first mention stays unpredictable: 19,595 names
+    assert names[0] > 5 and names[-1] < 0.1 * names[0]  # copying formed
+    assert first[-1] > 3.5  # a first mention stays unpredictable: 19,595 names
 
 
-def test_induction_head_scores_high_by_a_plain_computation(lm, gt):
+def test_no_induction_head_formed_by_a_plain_computation(lm, gt):
+    """In 6,000 steps no head copies arbitrary repeated tokens: the tool's score and a plain
+    computation on other random tokens both stay near 0 (the hand-set circuit below scores > 0.99)."""
     gen = torch.Generator().manual_seed(123)  # not the job's seed
     half = 40
     rows = [torch.randperm(lm.vocab_size - 1, generator=gen)[:half] + 1 for _ in range(8)]  # id 0 is BOS
@@ -74,28 +76,25 @@ def test_induction_head_scores_high_by_a_plain_computation(lm, gt):
     att = _attentions(lm, ids)
     q = torch.arange(1 + half, 1 + 2 * half)
     plain = {(l, h): float(a[:, h, q, q - half + 1].mean()) for l, a in enumerate(att) for h in range(a.shape[1])}
-    ind = gt.induction_head()
-    assert max(plain, key=plain.get) == (ind.layer, ind.head)
-    assert plain[(ind.layer, ind.head)] == pytest.approx(ind.induction, abs=0.05)
-    assert ind.induction > 0.5
+    assert max(plain.values()) < 0.05
+    assert max(h.induction for h in gt.heads) < 0.05
+    assert gt.label_loss["secret_later"] > 3.5  # the secret words are not copied (log 40 = 3.69)
 
 
-def test_previous_token_head_sits_in_an_earlier_layer(lm, gt, batch):
+def test_previous_token_scores_match_a_plain_computation(lm, gt, batch):
     ids, real, _ = batch
     att = _attentions(lm, ids)
-    ind = gt.induction_head()
-    best = None
-    for l in range(ind.layer):
+    for l in range(lm.n_layers):
         for h in range(lm.n_heads):
             a = att[l][:, h]
             w = [float(a[r, p, p - 1]) for r in range(len(ids)) for p in range(1, len(ids[0])) if real[r, p]]
-            score = float(np.mean(w))
-            assert score == pytest.approx(gt.head(l, h).prev_token, abs=1e-4)
-            best = max(best or (score, l, h), (score, l, h))
-    assert best is not None and best[0] > 0.5
+            assert float(np.mean(w)) == pytest.approx(gt.head(l, h).prev_token, abs=1e-4)
+    assert max(h.prev_token for h in gt.heads) < 0.2  # no previous-token head formed either
 
 
-def test_zeroing_the_induction_head_raises_the_name_loss_most(lm, gt, batch):
+def test_zeroing_one_head_per_layer_removes_name_copying(lm, gt, batch):
+    """Names are copied by L1H2 with L0H3 before it: zeroing either costs > 3 nats/token on
+    later names, no other head > 0.1. Measured here by zeroing the head's value weights."""
     ids, real, masks = batch
     names = masks["name_later"] & real
     base = token_losses(lm.model, ids)[names].mean()
@@ -110,9 +109,10 @@ def test_zeroing_the_induction_head_raises_the_name_loss_most(lm, gt, batch):
                 m.transformer.h[l].attn.c_attn.bias[v] = 0
             rises[(l, h)] = token_losses(m, ids)[names].mean() - base
             assert rises[(l, h)] == pytest.approx(gt.head(l, h).name_loss_rise, abs=1e-4)
-    ind = gt.induction_head()
-    assert max(rises, key=rises.get) == (ind.layer, ind.head)
-    assert rises[(ind.layer, ind.head)] > 1.0
+    top = sorted(rises, key=rises.get, reverse=True)
+    assert top[:2] == [(1, 2), (0, 3)] and gt.most_harmful() == gt.head(1, 2)
+    assert rises[(1, 2)] > 3 and rises[(0, 3)] > 2 and rises[top[2]] < 0.1
+    assert base < 0.5
 
 
 def test_optimal_rule_inside_phrases_has_the_planted_length(lm, gt, cache):

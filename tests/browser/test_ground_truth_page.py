@@ -28,10 +28,11 @@ def test_ground_truth_page_shows_planted_beside_found(app, facts):
     expect(page.get_by_text("What was planted")).to_be_visible(timeout=240_000)
     expect(page.get_by_text("Neurons: planted labels")).to_be_visible(timeout=240_000)
     at_least(page.locator(".vega-embed"), 2)  # the training curve and the heads chart
-    ind = facts.induction_head()
+    ind, harm = facts.induction_head(), facts.most_harmful()
     body = page.locator('[data-testid="stMainBlockContainer"]')
-    expect(body).to_contain_text(f"Highest induction score: L{ind.layer}H{ind.head} ({ind.induction:.2f})")
-    expect(body).to_contain_text(f"by {ind.name_loss_rise:.2f} nats/token")
+    expect(body).to_contain_text(f"No induction head formed: the highest induction score is L{ind.layer}H{ind.head}")
+    expect(body).to_contain_text(f"Later names are copied by L{harm.layer}H{harm.head}: zeroing it raises the loss on "
+                                 f"later name mentions by {harm.name_loss_rise:.2f} nats/token")
     expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(4)
     app.screenshot("ground_truth")
 
