@@ -68,13 +68,14 @@ rows = [dict(step=h["step"], label=CURVE_LABELS[k], loss=v) for h in gt.curve fo
 if rows:
     st.altair_chart(
         alt.Chart(pd.DataFrame(rows)).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
-            x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="loss (nats/token), held-out seed-1 stories"),
-            color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom", columns=3, labelLimit=300)),
+            x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="loss (nats/token)"),
+            color=alt.Color("label:N", title=None, legend=alt.Legend(orient="right", labelLimit=300)),
             tooltip=["step", "label", alt.Tooltip("loss:Q", format=".3f")],
-        ).properties(height=300),
+        ).properties(height=320),
         use_container_width=True,
     )
-    st.caption("The loss on later name mentions falls once a copying mechanism forms; the phrase ends are learnt first.")
+    st.caption("Loss on 256 held-out stories of seed 1, logged during training. The loss on later name mentions falls "
+               "once a copying mechanism forms; the phrase ends are learnt first.")
 else:
     st.info("This model's training.json has no per-label losses (train with `--synth-probe SEED`).")
 
@@ -102,22 +103,19 @@ st.markdown("\n".join(lines))
 hf = pd.DataFrame([dict(head=f"L{h.layer}H{h.head}", induction=h.induction, previous_token=h.prev_token,
                         name_loss_rise=h.name_loss_rise, secret_loss_rise=h.secret_loss_rise, link=f"head?model={model_name(model)}&layer={h.layer}&head={h.head}")
                    for h in gt.heads])
-left, right = st.columns(2)
-with left:
-    st.altair_chart(
-        alt.Chart(hf).mark_circle(size=90).encode(
-            x=alt.X("induction:Q", title="induction score (repeated random tokens)", scale=alt.Scale(domain=[0, 1])),
-            y=alt.Y("name_loss_rise:Q", title="loss rise on later names when zeroed"),
-            color=alt.Color("previous_token:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="prev-token"),
-            tooltip=["head", alt.Tooltip("induction:Q", format=".3f"), alt.Tooltip("previous_token:Q", format=".3f"),
-                     alt.Tooltip("name_loss_rise:Q", format=".3f")],
-        ) + alt.Chart(hf).mark_text(dx=18, fontSize=11).encode(x="induction:Q", y="name_loss_rise:Q", text="head:N"),
-        use_container_width=True,
-    )
-with right:
-    st.dataframe(hf, hide_index=True, use_container_width=True,
-                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("induction", "previous_token", "name_loss_rise", "secret_loss_rise")}
-                 | {"link": st.column_config.LinkColumn("open", display_text="head page")})
+st.altair_chart(
+    alt.Chart(hf, height=260).mark_circle(size=90).encode(
+        x=alt.X("induction:Q", title="induction score (repeated random tokens)", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("name_loss_rise:Q", title="loss rise on later names when zeroed"),
+        color=alt.Color("previous_token:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="prev-token"),
+        tooltip=["head", alt.Tooltip("induction:Q", format=".3f"), alt.Tooltip("previous_token:Q", format=".3f"),
+                 alt.Tooltip("name_loss_rise:Q", format=".3f")],
+    ) + alt.Chart(hf).mark_text(dx=18, fontSize=11).encode(x="induction:Q", y="name_loss_rise:Q", text="head:N"),
+    use_container_width=True,
+)
+st.dataframe(hf, hide_index=True, use_container_width=True,
+             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("induction", "previous_token", "name_loss_rise", "secret_loss_rise")}
+             | {"link": st.column_config.LinkColumn("open", display_text="head page")})
 st.caption(f"Loss on later name mentions, intact model: {gt.label_loss.get('name_later', float('nan')):.3f} nats/token "
            f"(first mentions: {gt.label_loss.get('name_first', float('nan')):.3f}).")
 

@@ -33,7 +33,7 @@ def test_ground_truth_page_shows_planted_beside_found(app, facts):
     expect(body).to_contain_text(f"No induction head formed: the highest induction score is L{ind.layer}H{ind.head}")
     expect(body).to_contain_text(f"Later names are copied by L{harm.layer}H{harm.head}: zeroing it raises the loss on "
                                  f"later name mentions by {harm.name_loss_rise:.2f} nats/token")
-    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(4)
+    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(3)  # heads, rules, neurons
     app.screenshot("ground_truth")
 
 
