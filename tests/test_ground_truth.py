@@ -208,3 +208,24 @@ def test_a_neuron_fires_inside_quotes(lm, gt, batch):
         assert float((top & lab).sum() / top.sum()) == pytest.approx(fact.share, abs=1e-6)
     quote = next(f for f in gt.neurons if f.label == "quote")
     assert quote.share > 0.9 and quote.n_top >= 20 and quote.base_rate < 0.15
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(model=str(MODEL.parent / "tinystories-4l")), "has no training.json naming a synth corpus"),
+        (dict(seed="0"), "seed 0 is the training seed"),
+        (dict(stories="5"), "stories=5 is out of range (10-2000)"),
+    ],
+)
+def test_ground_truth_page_bad_links_are_one_line(params, message):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(MODEL.parents[2] / "app" / "main.py"), default_timeout=60)
+    for k, v in params.items():
+        at.query_params[k] = v
+    at.run()
+    at.switch_page("views/ground_truth.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]

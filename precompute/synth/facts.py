@@ -27,6 +27,7 @@ from .labels import ALL_LABELS, batch_of, label_losses, token_losses
 
 TOP_FRAC = 0.2  # the Neuron page's top range
 MIN_TOP = 20  # a neuron's top range must hold at least this many tokens to count
+CACHE = Path(__file__).resolve().parents[2] / "data" / "cache" / "synth"  # regenerated corpora (git-ignored)
 NEURON_LABELS = ("quote", "name_later", "pronoun", "phrase", "secret_later")
 
 
@@ -92,13 +93,14 @@ def training_info(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def training_corpus(model_dir: str | Path, cache_dir: str | Path = "data/cache/synth") -> Path:
+def training_corpus(model_dir: str | Path, cache_dir: str | Path = CACHE) -> Path:
     """The model's training text, regenerated from the seed and size in its training.json
     (``synth-<seed>-<tokens>.txt``; written once, then reused)."""
     cfg = training_info(model_dir).get("config", {})
     seed, tokens = synth_spec(cfg.get("corpus", ""))
     out = Path(cache_dir) / f"synth-{seed}-{tokens}.txt"
     if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         write_corpus(SynthConfig(seed=seed, tokens=tokens), tmp)
         tmp.replace(out)
@@ -213,7 +215,7 @@ def neuron_facts(lm: LoadedModel, stories: list[Story]) -> list[NeuronFact]:
 
 
 def ground_truth(lm: LoadedModel, model_dir: str | Path, eval_seed: int = 1000, n_stories: int = 200,
-                 cache_dir: str | Path = "data/cache/synth") -> GroundTruth:
+                 cache_dir: str | Path = CACHE) -> GroundTruth:
     stories = eval_stories(eval_seed, n_stories)
     info = training_info(model_dir)
     heads, label_loss = head_facts(lm, stories)
