@@ -92,6 +92,27 @@ def test_previous_token_scores_match_a_plain_computation(lm, gt, batch):
     assert max(h.prev_token for h in gt.heads) < 0.2  # no previous-token head formed either
 
 
+def test_the_name_copying_head_shows_induction_on_names_only(lm, gt, batch):
+    """On the planted names (not on random tokens) L1H2 attends to the token after the earlier copy."""
+    ids, real, masks = batch
+    att = _attentions(lm, ids)
+    plain = {}
+    for l in range(lm.n_layers):
+        for h in range(lm.n_heads):
+            w = []
+            for r in range(len(ids)):
+                toks = ids[r].tolist()
+                for q in range(len(toks)):
+                    if masks["name_later"][r, q] and real[r, q]:
+                        earlier = [k for k in range(1, q) if toks[k] == toks[q]]
+                        if earlier:
+                            w.append(float(att[l][r, h, q, earlier[0] + 1]))
+            plain[(l, h)] = float(np.mean(w))
+            assert plain[(l, h)] == pytest.approx(gt.head(l, h).name_induction, abs=1e-5)
+    assert max(plain, key=plain.get) == (1, 2) and plain[(1, 2)] > 0.3
+    assert gt.head(1, 2).induction < 0.05
+
+
 def test_zeroing_one_head_per_layer_removes_name_copying(lm, gt, batch):
     """Names are copied by L1H2 with L0H3 before it: zeroing either costs > 3 nats/token on
     later names, no other head > 0.1. Measured here by zeroing the head's value weights."""

@@ -93,14 +93,16 @@ else:
 if harm != ind or ind.induction < FORMED:
     lines.append(f"- Later names are copied by **L{harm.layer}H{harm.head}**: zeroing it raises the loss on later name mentions "
                  f"by {harm.name_loss_rise:.2f} nats/token, the most of any head. Its induction score "
-                 f"({harm.induction:.2f}, on repeated random tokens) does not flag it: it copies names, not arbitrary tokens "
+                 f"({harm.induction:.2f}, on repeated random tokens) does not flag it, though on the names it attends "
+                 f"{harm.name_induction:.2f} of the time to the token after the earlier copy: it copies names, not arbitrary tokens "
                  f"(the repeated secret words stay at {gt.label_loss.get('secret_later', float('nan')):.2f} nats/token, "
                  f"about log {len(grammar._SECRET)}: not copied).")
 if prev is not None:
     lines.append(f"- Previous-token head in an earlier layer: **L{prev.layer}H{prev.head}** ({prev.prev_token:.2f} of its attention "
                  "on the previous token)" + ("." if prev.prev_token >= FORMED else ": too weak to count as one, **none formed**."))
 st.markdown("\n".join(lines))
-hf = pd.DataFrame([dict(head=f"L{h.layer}H{h.head}", induction=h.induction, previous_token=h.prev_token,
+hf = pd.DataFrame([dict(head=f"L{h.layer}H{h.head}", induction=h.induction, induction_on_names=h.name_induction,
+                        previous_token=h.prev_token,
                         name_loss_rise=h.name_loss_rise, secret_loss_rise=h.secret_loss_rise, link=f"head?model={model_name(model)}&layer={h.layer}&head={h.head}")
                    for h in gt.heads])
 st.altair_chart(
@@ -114,9 +116,11 @@ st.altair_chart(
     use_container_width=True,
 )
 st.dataframe(hf, hide_index=True, use_container_width=True,
-             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("induction", "previous_token", "name_loss_rise", "secret_loss_rise")}
+             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("induction", "induction_on_names", "previous_token", "name_loss_rise", "secret_loss_rise")}
              | {"link": st.column_config.LinkColumn("open", display_text="head page")})
-st.caption(f"Loss on later name mentions, intact model: {gt.label_loss.get('name_later', float('nan')):.3f} nats/token "
+st.caption("induction: the heads job's score on repeated random tokens; induction_on_names: mean attention from a later "
+           "name token to the token right after its earlier occurrence. "
+           f"Loss on later name mentions, intact model: {gt.label_loss.get('name_later', float('nan')):.3f} nats/token "
            f"(first mentions: {gt.label_loss.get('name_first', float('nan')):.3f}).")
 
 st.subheader("Rules: planted phrases")

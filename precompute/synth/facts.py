@@ -1,7 +1,7 @@
 """What was planted in the synth stories beside what the tool finds in a model trained on them.
 
 - heads: the heads job's induction score (repeated random tokens) and previous-token score (on
-  synth stories), next to the rise of the loss on later name mentions when the head's output is
+  synth stories), the same induction pattern measured on the planted names, next to the rise of the loss on later name mentions when the head's output is
   zeroed (a forward pre-hook on the attention output projection);
 - rules: for the last token of each planted phrase family (fixed by the token k back), the
   rules job's optimal rule length and its top-1 agreement with the model;
@@ -39,6 +39,7 @@ class HeadFact:
     prev_token: float  # heads job's mean weight on the previous token, on synth stories
     name_loss_rise: float  # loss on later name mentions with this head zeroed, minus the intact loss
     secret_loss_rise: float  # the same on the repeated secret words
+    name_induction: float = float("nan")  # induction on the names: see name_induction_scores
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,33 @@ def head_facts(lm: LoadedModel, stories: list[Story]) -> tuple[list[HeadFact], d
     heads = heads_run(lm, seqs, HeadsConfig(n_examples=1))
     half = min(50, (lm.n_ctx - 1) // 2)
     ind = induction_scores(lm, half, 16, 0)
+    on_names = name_induction_scores(lm, ids, names)
     out = []
     for lh in heads.layers:
         for h in range(lm.n_heads):
             ab = ablated_losses(lm, ids, lh.layer, h)
             out.append(HeadFact(lh.layer, h, float(ind[lh.layer][h]), float(lh.prev_token[h]),
                                 float(ab[names].mean() - base[names].mean()),
-                                float(ab[secret].mean() - base[secret].mean()) if secret.any() else float("nan")))
+                                float(ab[secret].mean() - base[secret].mean()) if secret.any() else float("nan"),
+                                float(on_names[lh.layer, h])))
     return out, label_losses(base, real, masks)
+
+
+@torch.inference_mode()
+def name_induction_scores(lm: LoadedModel, ids: torch.Tensor, names: np.ndarray) -> np.ndarray:
+    """[layer, head] mean attention from a later name token at q to the position right after the
+    first earlier occurrence of the same token (the induction pattern, on the planted names
+    rather than on repeated random tokens)."""
+    att = lm.forward(ids, output_attentions=True).attentions
+    rows, qs, ks = [], [], []
+    for r, q in zip(*np.nonzero(names)):
+        earlier = np.nonzero(ids[r, 1:q].numpy() == int(ids[r, q]))[0]
+        if len(earlier):
+            rows.append(r), qs.append(q), ks.append(int(earlier[0]) + 2)  # +1 for the slice, +1 for "after"
+    if not rows:
+        return np.full((len(att), att[0].shape[1]), np.nan)
+    r, q, k = (torch.tensor(x) for x in (rows, qs, ks))
+    return np.stack([a[r, :, q, k].float().mean(0).cpu().numpy() for a in att])
 
 
 def sequences_of(lm: LoadedModel, ids: torch.Tensor, real: np.ndarray):
