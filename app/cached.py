@@ -88,7 +88,8 @@ def neurons_for_tokens(url: str, model: str, token_ids: tuple[int, ...], limit: 
 
 
 def page_model(build_jobs: str) -> tuple[str, q.ModelInfo, float]:
-    """The model a page shows (``?model=``, default the first stored), its info and the database
+    """The model a page shows (``?model=``, default the first stored with a run of the job that
+    ``build_jobs`` names first), its info and the database
     version for the cache keys. No database, no models or an unknown model: a message, and the
     page stops. ``build_jobs`` goes into the build command the message suggests."""
     from . import url
@@ -99,7 +100,9 @@ def page_model(build_jobs: str) -> tuple[str, q.ModelInfo, float]:
     models = list_models(DB_URL, v)
     if not models:
         bad_param(f"The database holds no models yet; build it with `precompute run --jobs {build_jobs}`.")
-    model = url.get_str("model") or models[0].name
+    job = build_jobs.split()[0]  # default: the first model that has a run of the page's job
+    with_job = [m.name for m in models if any(r.job == job for r in list_runs(DB_URL, m.name, v))]
+    model = url.get_str("model") or (with_job or [models[0].name])[0]
     try:
         info = get_model(DB_URL, model, v)
     except q.NotFound as e:

@@ -22,6 +22,7 @@ PAGES = [
     ("views/retrieval.py", "Retrieval", "retrieval"),
     ("views/rules.py", "Rules", "rules"),
     ("views/story.py", "Rule matches", "story"),
+    ("views/ground_truth.py", "Ground truth", "ground_truth"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``precompute train | run | show | runs``.
+"""Command line: ``precompute train | corpus | run | show | runs``.
 
 Bad input gets one line on stderr and exit code 2; nothing in the database is changed.
 """
@@ -41,6 +41,19 @@ def _add_train(sub):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between loss evaluations")
+    p.add_argument("--synth-probe", type=int, default=None, metavar="SEED",
+                   help="log the loss on each planted label of synth stories of this seed (see corpus synth)")
+
+
+def _add_corpus(sub):
+    p = sub.add_parser("corpus", help="write a corpus")
+    what = p.add_subparsers(dest="what", required=True)
+    s = what.add_parser("synth", help="generated stories with planted structure (names, phrases, quotes), one per line")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokens", type=int, default=1_000_000, help="about this many words and punctuation marks")
+    s.add_argument("--out", required=True, help="text file, one story per line")
+    s.add_argument("--labels", default=None, help="also write the planted spans as JSON lines")
 
 
 def _add_run(sub):
@@ -151,11 +164,23 @@ def cmd_train(args) -> int:
         corpus=args.corpus, val_corpus=args.val_corpus, out=args.out, n_layers=args.layers, d_model=args.d_model,
         n_heads=args.heads, d_mlp=args.d_mlp, n_ctx=args.n_ctx, vocab_size=args.vocab_size, lowercase=not args.cased,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        max_minutes=args.max_minutes, threads=args.threads,
+        max_minutes=args.max_minutes, threads=args.threads, synth_probe=args.synth_probe,
+        eval_every=args.eval_every,
     )
     r = run(cfg)
     print(f"saved {r.out}: {r.n_params:,} parameters, train loss {r.final_train_loss:.3f}, "
           f"validation loss {r.val_loss}, {r.seconds / 60:.1f} min")
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    import time
+
+    from .synth import SynthConfig, write_corpus
+
+    t0 = time.time()
+    n, units = write_corpus(SynthConfig(seed=args.seed, tokens=args.tokens), args.out, args.labels)
+    print(f"wrote {n:,} stories ({units:,} words and marks, seed {args.seed}) to {args.out} in {time.time() - t0:.1f} s")
     return 0
 
 
@@ -272,13 +297,14 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "show": cmd_show, "runs": cmd_runs, "train-sae": cmd_train_sae}
+COMMANDS = {"train": cmd_train, "corpus": cmd_corpus, "run": cmd_run, "show": cmd_show, "runs": cmd_runs, "train-sae": cmd_train_sae}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="precompute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_corpus(sub)
     _add_run(sub)
     _add_show(sub)
     _add_runs(sub)

@@ -50,6 +50,7 @@ class TrainConfig:
     threads: int | None = None
     max_minutes: float | None = None  # wall-clock budget: the schedule follows time when it runs short
     sample_prompt: str = "once upon a time"
+    synth_probe: int | None = None  # seed of held-out synth stories: log the loss on each planted label
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -184,6 +185,16 @@ def run(cfg: TrainConfig) -> TrainResult:
         betas=(0.9, 0.95),
     )
     history: list[dict] = []
+    probe = None
+    if cfg.synth_probe is not None:
+        from itertools import islice
+
+        from .synth import SynthConfig, generate
+        from .synth.labels import probe as synth_probe
+
+        probe_stories = list(islice(generate(SynthConfig(seed=cfg.synth_probe)), 256))
+        probe = lambda: synth_probe(model, tokenizer, probe_stories, cfg.n_ctx)  # noqa: E731
+        history.append({"step": 0, "train_loss_ema": None, "seconds": round(time.time() - t0, 1), "probe": probe()})
     ema = None
     bar = tqdm(range(cfg.steps), desc="train", unit="step")
     t_train = time.time()
@@ -210,11 +221,15 @@ def run(cfg: TrainConfig) -> TrainResult:
             rec = {"step": step + 1, "train_loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)}
             if val is not None:
                 rec["val_loss"] = round(eval_loss(model, val, cfg.n_ctx, cfg.eval_tokens, cfg.device), 4)
+            if probe is not None:
+                rec["probe"] = probe()
             history.append(rec)
             tqdm.write(json.dumps(rec))
 
     if not history or history[-1]["step"] != steps_done:
         rec = {"step": steps_done, "train_loss_ema": round(ema, 4), "seconds": round(time.time() - t0, 1)}
+        if probe is not None:
+            rec["probe"] = probe()
         history.append(rec)
     final_train = eval_loss(model, train, cfg.n_ctx, cfg.eval_tokens * 4, cfg.device)
     val_loss = eval_loss(model, val, cfg.n_ctx, len(val), cfg.device) if val is not None else None
@@ -275,6 +290,7 @@ def model_card(cfg: TrainConfig, r: TrainResult) -> str:
     curve = "\n".join(
         f"| {h['step']} | {h['train_loss_ema']:.3f} | {h.get('val_loss', float('nan')):.3f} | {h['seconds']:.0f} |"
         for h in r.history
+        if h.get("train_loss_ema") is not None
     )
     return f"""# {Path(cfg.out).name}
 
@@ -291,10 +307,7 @@ A small GPT-2-style language model trained from scratch by `precompute train` (t
 | validation loss | {val} (all {r.val_tokens:,} validation tokens) |
 | training time | {r.seconds / 60:.1f} min |
 
-Validation text is split into paragraphs (the file marks stories and paragraphs alike with a
-blank line), each preceded by BOS, so paragraph starts count as story starts: this slightly
-overstates the loss. The training corpus is small (about 1M tokens) and the model saw it
-about {r.steps * cfg.batch_size * cfg.n_ctx / max(1, r.train_tokens):.0f} times.
+{_corpus_note(cfg, r)}
 
 Greedy continuation of "{cfg.sample_prompt}":
 
@@ -307,5 +320,81 @@ differs from the full-set number above):
 |---|---|---|---|
 {curve}
 
-Reproduce: `precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps}{f" --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}`
+{_synth_section(cfg, r)}
+Reproduce: {_synth_command(cfg)}`precompute train --corpus {cfg.corpus} --val-corpus {cfg.val_corpus} --out {cfg.out} --layers {cfg.n_layers} --d-model {cfg.d_model} --heads {cfg.n_heads} --steps {cfg.steps}{f" --max-minutes {cfg.max_minutes:g}" if cfg.max_minutes else ""} --batch-size {cfg.batch_size} --vocab-size {cfg.vocab_size}{_extra_args(cfg)}`
+"""
+
+
+def _corpus_note(cfg: TrainConfig, r: TrainResult) -> str:
+    seen = f"The model saw the training corpus about {r.steps * cfg.batch_size * cfg.n_ctx / max(1, r.train_tokens):.0f} times."
+    if cfg.synth_probe is not None:
+        return f"One story per line, each preceded by BOS. {seen}"
+    return ("Validation text is split into paragraphs (the file marks stories and paragraphs alike with a\n"
+            "blank line), each preceded by BOS, so paragraph starts count as story starts: this slightly\n"
+            f"overstates the loss. The training corpus is small (about 1M tokens). {seen}")
+
+
+def _extra_args(cfg: TrainConfig) -> str:
+    """Options the reproduce line needs when they differ from the defaults."""
+    default = TrainConfig(corpus="", out="")
+    out = ""
+    for name, flag in (("n_ctx", "--n-ctx"), ("lr", "--lr"), ("threads", "--threads"), ("eval_every", "--eval-every"),
+                       ("synth_probe", "--synth-probe")):
+        if getattr(cfg, name) != getattr(default, name):
+            out += f" {flag} {getattr(cfg, name)}"
+    return out
+
+
+def _synth_command(cfg: TrainConfig) -> str:
+    from .synth.facts import synth_spec
+
+    out = ""
+    for corpus in (cfg.corpus, cfg.val_corpus):
+        try:
+            seed, tokens = synth_spec(corpus or "")
+        except ValueError:
+            continue
+        out += f"`precompute corpus synth --seed {seed} --tokens {tokens} --out {corpus}`, then "
+    return out
+
+
+def _synth_section(cfg: TrainConfig, r: TrainResult) -> str:
+    """The planted facts and the loss on each planted label during training (``--synth-probe``)."""
+    if cfg.synth_probe is None:
+        return ""
+    from .synth.facts import synth_spec
+    from .synth.grammar import N_NAMES, PHRASES
+
+    try:
+        seed, tokens = synth_spec(cfg.corpus)
+        corpus = f"seed {seed}, {tokens:,} words and punctuation marks"
+    except ValueError:
+        corpus = f"`{cfg.corpus}`"
+    cols = ("all", "name_first", "name_later", "pronoun", "quote", "phrase_end_k2", "phrase_end_k4", "phrase_end_k6",
+            "secret_later")
+    rows = "\n".join(f"| {h['step']} | " + " | ".join(f"{h['probe'].get(c, float('nan')):.3f}" for c in cols) + " |"
+                      for h in r.history if "probe" in h and (h["step"] <= 1500 or h["step"] % 500 == 0
+                                                              or h is r.history[-1]))
+    phrases = "; ".join(f"k = {k}: " + ", ".join(" ".join(p) for p in fam) for k, fam in PHRASES.items())
+    return f"""
+## Planted structure
+
+The training text is `precompute corpus synth` stories ({corpus}; regenerated from the seed,
+byte for byte, so it needs no download). Planted in every story:
+
+- two **names** (a character and a friend) drawn from {N_NAMES:,} made-up names, introduced in the
+  first two sentences and repeated later: a later mention is predictable only by copying (with two
+  names in play, each name token after the first is fixed by the token before it: induction);
+- fixed **phrases** whose last word is fixed by the word k back and not by the k - 1 words
+  before it ({phrases});
+- **pronouns** she/her or he/his that follow the gender given in the first sentence;
+- **quotes** `said, "..."` that open and close;
+- five **secret words** told once and repeated at the end (a copied arbitrary sequence).
+
+Loss (nats/token) on the tokens of each planted label, 256 held-out stories of seed {cfg.synth_probe}
+(every 100 steps up to 1,500, then every 500; all of them in training.json):
+
+| step | {" | ".join(cols)} |
+|---|{"---|" * len(cols)}
+{rows}
 """

@@ -50,7 +50,8 @@ V = cached.db_version(DB_URL)
 models = cached.list_models(DB_URL, V)
 if not models:
     bad_param("The database holds no models yet; build it with `precompute run --jobs rules --ngram-corpus ...`.")
-model = url.get_str("model") or models[0].name
+with_rules = [m.name for m in models if any(r.job == "rules" for r in cached.list_runs(DB_URL, m.name, V))]
+model = url.get_str("model") or (with_rules or [models[0].name])[0]
 try:
     ov = overview(DB_URL, model, V)
 except NotFound as e:
