@@ -103,7 +103,7 @@ class NeuronData:
     counts: np.ndarray
     samples: np.ndarray  # SAMPLE_DTYPE records
     top_tokens: list  # [[token_id, mean, count], ...]
-    logit_top: list  # [[token_id, effect], ...]
+    logit_top: list  # [[token_id, effect, count in the corpus], ...]
 
 
 # ---------------------------------------------------------------------------------- text helpers
@@ -306,7 +306,7 @@ def candidates(nd: NeuronData, idx: np.ndarray, ix: SampleIndex, cfg: Explanatio
         if len(text) <= MAX_PATTERN:
             out.append(("ngram", "after " + quoted(texts[0]), "context", text))
     # the next token, among the ones it promotes
-    promoted = np.array([int(t) for t, _v in (nd.logit_top or [])], np.int64)
+    promoted = np.array([int(e[0]) for e in (nd.logit_top or [])], np.int64)
     nxt = ix.next[idx]
     nxt = np.where(np.isin(nxt, promoted), nxt, -1)
     after = best_prefix(nxt, w, top, n_top, min(cfg.max_items, 4))
