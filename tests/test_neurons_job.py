@@ -184,3 +184,24 @@ def test_stored_page_round_trip(neurons_db, lm260k):
     assert [b.lo for b in page.bands] == sorted((b.lo for b in page.bands), reverse=True)
     for b in page.bands:
         assert 0 < len(b.samples) <= 5 and all(b.lo <= x.act < b.hi or x.act == page.stats.max for x in b.samples)
+
+
+def test_top_where_equals_a_stable_full_sort():
+    """The seen-token logit lists (partition, then ties re-sorted) equal a plain stable argsort:
+    highest first, ties to the smaller token id, with heavy ties (small integers) included."""
+    import torch
+
+    from precompute.jobs.neurons.job import _top_where
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        r, v = int(rng.integers(1, 30)), int(rng.integers(1, 200))
+        x = rng.integers(-3, 4, (r, v)).astype(np.float32) if trial % 2 else rng.standard_normal((r, v)).astype(np.float32)
+        mask = rng.random(v) < rng.random()
+        n = int(rng.integers(1, 25))
+        ids, vals = _top_where(torch.tensor(x), torch.tensor(mask), n)
+        cols = np.nonzero(mask)[0]
+        m = min(n, len(cols))
+        order = np.argsort(-x[:, cols], axis=1, kind="stable")[:, :m]
+        assert np.array_equal(ids[:, :m], cols[order]) and (ids[:, m:] == -1).all()
+        assert np.array_equal(vals[:, :m], np.take_along_axis(x[:, cols], order, 1)) and np.isnan(vals[:, m:]).all()

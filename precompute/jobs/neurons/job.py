@@ -481,10 +481,17 @@ def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[np.nd
     ids = np.full((effects.shape[0], n), -1, np.int64)
     vals = np.full((effects.shape[0], n), np.nan, np.float32)
     if m:
-        sub = effects[:, cols].numpy()
-        order = np.argsort(-sub, axis=1, kind="stable")[:, :m]  # columns are in id order
+        neg = -effects[:, cols].numpy()  # columns are in id order
+        # the m best of each row by partition, then ordered by (value, id); a row whose m-th value
+        # ties with columns left out is sorted whole (stable), so ties always go to the smaller id
+        part = np.sort(np.argpartition(neg, m - 1, axis=1)[:, :m], axis=1)
+        pv = np.take_along_axis(neg, part, 1)
+        order = np.take_along_axis(part, np.argsort(pv, axis=1, kind="stable"), 1)
+        tied = np.nonzero((neg <= pv.max(axis=1, keepdims=True)).sum(axis=1) > m)[0]
+        if len(tied):
+            order[tied] = np.argsort(neg[tied], axis=1, kind="stable")[:, :m]
         ids[:, :m] = cols.numpy()[order]
-        vals[:, :m] = np.take_along_axis(sub, order, 1)
+        vals[:, :m] = -np.take_along_axis(neg, order, 1)
     return ids, vals
 
 
