@@ -49,9 +49,7 @@ def main() -> None:
     corpus_path = need_corpus()
     corpus = read_text_corpus(corpus_path)
     rows = []
-    for name, path in available_models().items():
-        if args.models and not any(m.strip() and m.strip() in name for m in args.models.split(",")):
-            continue
+    for name, path in available_models(args.models).items():
         lm = load_model(str(path))
         seqs = tokenize(lm, corpus, ctx_len=256, max_tokens=args.tokens)
         with tempfile.TemporaryDirectory() as tmp:

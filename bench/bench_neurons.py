@@ -51,9 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     corpus = read_text_corpus(need_corpus())
     rows = []
-    for name, path in available_models().items():
-        if args.models and not any(m.strip() and m.strip() in name for m in args.models.split(",")):
-            continue
+    for name, path in available_models(args.models).items():
         lm = load_model(str(path))
         seqs = tokenize(lm, corpus, ctx_len=256, max_tokens=args.tokens)
         cfg = NeuronsConfig(batch_size=args.batch_size, backend=args.backend)

@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import run_part
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -121,13 +121,6 @@ def part_ref(rule_set_name: str, n_pred: int, corpus_fraction: int) -> dict:
     )
 
 
-def _sub(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=50_000)
@@ -147,8 +140,8 @@ def main() -> None:
         raise SystemExit(f"needs {MODEL}, {TRAIN} and {VALID}")
     rows = []
     for rs, ref_n, frac in (("subgram", a.ref_tokens, 1), ("all", a.ref_all_tokens, 8)):
-        mine = _sub(["--part", "mine", "--rule-set", rs, "--tokens", str(a.tokens)])
-        ref = _sub(["--part", "ref", "--rule-set", rs, "--tokens", str(ref_n), "--fraction", str(frac)])
+        mine = run_part(__file__, ["--part", "mine", "--rule-set", rs, "--tokens", str(a.tokens)])
+        ref = run_part(__file__, ["--part", "ref", "--rule-set", rs, "--tokens", str(ref_n), "--fraction", str(frac)])
         mine_total = mine["index_wall"] + mine["match_wall"]
         mine_cpu = mine["index_cpu"] + mine["match_cpu"]
         ref_index_full = ref["index_wall"] * frac  # linear in corpus size

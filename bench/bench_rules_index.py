@@ -24,12 +24,12 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import run_part
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -207,13 +207,6 @@ def part_compare(out: Path, n_tokens: int, rounds: int = 3) -> dict:
                 same_agreement=same_agree, mem_tables_mb=mem.nbytes() / 2**20, setup_s=t1 - t0)
 
 
-def _sub(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="0.5,5", help="training tokens in millions (0.5 = train-1097.txt)")
@@ -237,30 +230,30 @@ def main() -> None:
         raise SystemExit(f"needs {MODEL} and the shared TinyStories text in {TS}")
     out.mkdir(parents=True, exist_ok=True)
     sizes = lambda s: [int(float(x) * 1e6) for x in s.split(",") if x]  # noqa: E731
-    toks = _sub(["--part", "tokens", "--out", str(out)])
+    toks = run_part(__file__, ["--part", "tokens", "--out", str(out)])
     print(f"shared text: train-1097 {toks['train']:,} tokens, all shared stories {toks['all']:,} tokens", flush=True)
     builds = {}
     for n in sorted(set(sizes(a.sizes)) | set(sizes(a.match_sizes)) | set(sizes(a.all_sizes))):
-        builds[n] = b = _sub(["--part", "build", "--out", str(out), "--n", str(n)])
+        builds[n] = b = run_part(__file__, ["--part", "build", "--out", str(out), "--n", str(n)])
         print(f"build {b['n_tokens']:>12,} tokens: {b['wall_s']:8.1f} s  {b['bytes_per_token']:5.2f} B/token on disk  "
               f"peak RSS {b['peak_rss_mb']:7.0f} MB (before {b['rss_before_mb']:.0f} MB)  "
               f"{(b['peak_rss_mb'] - b['rss_before_mb']) * 2**20 / b['n_tokens']:5.1f} B/token above it", flush=True)
-    _sub(["--part", "inputs", "--out", str(out)])
+    run_part(__file__, ["--part", "inputs", "--out", str(out)])
     for n in sizes(a.match_sizes):
         for kind in (("sa", "mem") if n <= 600_000 else ("sa",)):
-            r = _sub(["--part", "match", "--out", str(out), "--n", str(n), "--kind", kind])
+            r = run_part(__file__, ["--part", "match", "--out", str(out), "--n", str(n), "--kind", kind])
             print(f"R_subgram {kind:3s} {r['n_tokens']:>12,} tokens: setup+burn-in {r['setup_s']:6.1f} s, match {r['n']:,} "
                   f"predictions {r['match_s']:6.2f} s ({r['n'] / r['match_s']:,.0f}/s), agreement {r['agreement']:.4f}, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f", tables {r['tables_mb']:.0f} MB" if r["tables_mb"] else ""), flush=True)
         if n <= 600_000:
-            c = _sub(["--part", "compare", "--out", str(out), "--n", str(n)])
+            c = run_part(__file__, ["--part", "compare", "--out", str(out), "--n", str(n)])
             print(f"  one process, {c['rounds']} alternating rounds, medians: suffix array {c['sa_wall']:.2f} s wall / "
                   f"{c['sa_cpu']:.2f} s CPU, in-memory {c['mem_wall']:.2f} s / {c['mem_cpu']:.2f} s (+ {c['mem_tables_build_s']:.2f} s "
                   f"to build its {c['mem_tables_mb']:.0f} MB of tables); in-memory/suffix array {c['mem_wall'] / c['sa_wall']:.2f}x wall, "
                   f"{c['mem_cpu'] / c['sa_cpu']:.2f}x CPU; same optimal rule on {c['same_rule']:,}, same agreement on "
                   f"{c['same_agreement']:,} of {c['n']:,}", flush=True)
     for n in sizes(a.all_sizes):
-        r = _sub(["--part", "match", "--out", str(out), "--n", str(n), "--kind", "mem", "--rule-set", "all", "--n-match", "2000"])
+        r = run_part(__file__, ["--part", "match", "--out", str(out), "--n", str(n), "--kind", "mem", "--rule-set", "all", "--n-match", "2000"])
         print(f"R_all {r['n_tokens']:>12,} tokens: setup {r['setup_s']:6.1f} s, {r['n']:,} predictions {r['match_s']:6.2f} s "
               f"({r['n'] / r['match_s']:,.0f}/s), peak RSS {r['peak_rss_mb']:.0f} MB "
               f"({(r['peak_rss_mb'] - r['rss_before_mb']) * 2**20 / r['n_tokens']:.0f} B/token above the start), "

@@ -203,11 +203,10 @@ def _local_sweep(setup: RunSetup):
 
     def go(shards: Iterator[Sequences], jobs: list[tuple[JobSpec, Any]], bar: tqdm, totals: Callable[[], list | None]):
         for shard in shards:
-            done = totals()
             # after the first shard, a job may hand out an accumulator that updates its totals in
             # place where that is exact (``next_shard``), instead of a second copy of its state
-            accs = [t.next_shard() if done is not None and hasattr(t, "next_shard") else spec.accumulator(setup.lm, cfg)
-                    for (spec, cfg), t in zip(jobs, done or [None] * len(jobs))]
+            accs = [t.next_shard() if hasattr(t, "next_shard") else spec.accumulator(setup.lm, cfg)
+                    for (spec, cfg), t in zip(jobs, totals() or [None] * len(jobs))]
             yield shard, sweep_shard(setup.lm, shard, accs, setup.batch_size, bar.update)
 
     return go

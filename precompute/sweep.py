@@ -132,12 +132,9 @@ def capture(lm: LoadedModel, ids: torch.Tensor, needs: Needs) -> Captured:
         handle = lm.final_norm.register_forward_hook(final_hook)
     try:
         with hooked(lm, fns, stop_after=stop):
-            if needs.logits:
-                out = lm.forward(ids, output_attentions=needs.attentions)
-                cap.logits = out.logits
-                cap.attentions = tuple(out.attentions) if needs.attentions else None
-            elif needs.full_forward:  # no unembedding: its matmul and logits are the largest part
-                out = lm.trunk(ids, output_attentions=needs.attentions)
+            if needs.full_forward:  # the unembedding (the largest matmul) only when logits are needed
+                out = (lm.forward if needs.logits else lm.trunk)(ids, output_attentions=needs.attentions)
+                cap.logits = out.logits if needs.logits else None
                 cap.attentions = tuple(out.attentions) if needs.attentions else None
             elif fns:
                 forward_until(lm, ids)

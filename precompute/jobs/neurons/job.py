@@ -353,7 +353,7 @@ class NeuronsAccumulator:
 
     def next_shard(self) -> "NeuronsAccumulator":
         """The accumulator for the next shard of a sweep in this process: it updates this one's
-        order-free state (range, histogram, reservoirs, top examples) in place and keeps its own
+        order-free state (range, histogram, reservoirs, top and bottom examples) in place and keeps its own
         moments and token sums, which ``merge`` then folds in exactly as for a fresh shard (so
         the result is bit-identical to merging a fresh accumulator, at a fraction of the memory)."""
         self._sync()
