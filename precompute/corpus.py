@@ -139,7 +139,9 @@ def read_text_corpus(path: str | Path, separator: Separator = "auto", max_storie
             if not head:
                 raise CorpusError(f"corpus {str(path)!r} is empty")
             head = f.read(BLOCK)
-    return Corpus(name=str(path), reader=lambda: _iter_file_stories(path, separator, max_stories))
+    # the run records the absolute path, so the app (retrieval's sandbox, the rules pages) finds the
+    # file from any working directory
+    return Corpus(name=str(path.resolve()), reader=lambda: _iter_file_stories(path, separator, max_stories))
 
 
 def read_hf_dataset(spec: str, max_stories: int | None = None) -> Corpus:

@@ -36,6 +36,43 @@ def empty_url(request, tmp_path) -> str:
     return server.create_database(f"t{next(_N_DB)}")
 
 
+def test_two_writers_registering_one_model_share_its_row(empty_url, lm260k):
+    """Two runs of a new model into one database at the same moment: the second writer's insert
+    waits for the first one's commit (PostgreSQL) and then uses its row, with no unique-name error."""
+    import threading
+
+    from precompute.store.db import open_store, upsert_model
+    from precompute.store.tables import ModelRow
+
+    store = open_store(empty_url)
+    try:
+        first = store.session()
+        first.begin()
+        a = upsert_model(first, lm260k)  # inserted, not committed yet
+        got: dict = {}
+
+        def second():
+            try:
+                with store.session() as s, s.begin():
+                    got["id"] = upsert_model(s, lm260k).id
+            except BaseException as e:  # noqa: BLE001 - reported below
+                got["error"] = e
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(1.0 if store.engine.dialect.name == "postgresql" else 0)  # PostgreSQL: it waits on the row
+        first.commit()
+        a_id = a.id
+        first.close()
+        t.join(30)
+        assert "error" not in got, got.get("error")
+        assert got["id"] == a_id
+        with store.session() as s:
+            assert len(s.scalars(select(ModelRow)).all()) == 1
+    finally:
+        store.engine.dispose()
+
+
 # ---------------------------------------------------------------------------------------------
 # schema and version check
 

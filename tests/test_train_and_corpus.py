@@ -25,6 +25,12 @@ def test_shared_files_split_as_documented(train1097_corpus, valid_corpus):
     assert len(load_corpus(str(valid_corpus)).stories) > 4000  # paragraphs: the file marks both alike
 
 
+def test_a_run_records_the_corpus_file_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "c.txt").write_text("a b.\nc d.\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_corpus("c.txt").name == str(tmp_path / "c.txt")  # the app may run from another folder
+
+
 def test_hf_dataset_without_network_is_one_line():
     with pytest.raises(CorpusError) as e:
         load_corpus("hf:roneneldan/TinyStories:validation", max_stories=2)

@@ -16,16 +16,13 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import cached, render, url
+from app import cached, limits, render, url
 from app.state import DB_URL, bad_param, get_model, note_lowercase, param_int
 from precompute.errors import one_line
 from precompute.models import ModelError
 from precompute.ngrams.views import TokenMatch
 from precompute.jobs.rules import tables as rq
 from precompute.store.queries import NotFound
-
-MAX_PROMPT_CHARS = 2000
-
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def story(db: str, model: str, seq: int, v: float = 0.0) -> rq.RulesStory:
@@ -176,12 +173,17 @@ if mode == "story":
 else:
     if "story" in st.query_params:
         del st.query_params["story"]
-    text = st.text_area("Prompt", url.get_str("prompt", "Once upon a time, there was a little girl named Lily."), max_chars=MAX_PROMPT_CHARS)
+    text, clipped = limits.clip_prompt(url.get_str("prompt", "Once upon a time, there was a little girl named Lily."))
+    text = st.text_area("Prompt", text, max_chars=limits.MAX_PROMPT_CHARS)
     note_lowercase(info.source)
+    st.caption(limits.describe())
     url.sync("prompt", text)
-    try:
-        toks, matches = live_matches(info.source, ov.ngram_corpus, text, ov.rule_set, ov.distance, ov.split)
-    except (ModelError, ValueError, OSError) as e:
-        st.error(one_line(e))
-        st.stop()
-    show(toks, matches, param_int("pos", None, 0, 100_000), ov.distance)
+    if clipped:
+        st.warning(clipped)
+    with limits.live_slot():  # one live request: the model run, the rule matching and their rendering
+        try:
+            toks, matches = live_matches(info.source, ov.ngram_corpus, text, ov.rule_set, ov.distance, ov.split)
+        except (ModelError, ValueError, OSError) as e:
+            st.error(one_line(e))
+            st.stop()
+        show(toks, matches, param_int("pos", None, 0, 100_000), ov.distance)

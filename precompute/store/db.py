@@ -20,7 +20,7 @@ from urllib.parse import quote
 import numpy as np
 from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import __version__
@@ -249,11 +249,14 @@ def upsert_model(s: Session, lm) -> ModelRow:
         card=card,
     )
     if row is None:
-        row = ModelRow(name=name, **fields)
-        s.add(row)
-    else:
-        for k, v in fields.items():
-            setattr(row, k, v)
+        try:
+            with s.begin_nested():  # another writer may register the same model at this moment
+                row = ModelRow(name=name, **fields)
+                s.add(row)
+        except IntegrityError:  # it did (PostgreSQL let this insert wait for its commit): use its row
+            row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+    for k, v in fields.items():
+        setattr(row, k, v)
     s.flush()
     return row
 

@@ -62,6 +62,9 @@ def test_story_view_live_prompt(app, browser_db):
     page = app.page
     at_least(page.locator(".tokens .tok"), 10)
     expect(page.locator(".vega-embed")).to_have_count(2)
+    from app import limits
+
+    expect(page.locator("body")).to_contain_text(limits.describe())  # a live run takes one of the server's slots
     app.screenshot("rules_live")
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...sweep import JobSpec
 from .job import (
     RulesAccumulator,
@@ -26,8 +28,11 @@ __all__ = [
 
 
 def _config(args) -> RulesConfig:
+    ngram_corpus = getattr(args, "ngram_corpus", None) or ""
+    if ngram_corpus and not ngram_corpus.startswith("hf:") and Path(ngram_corpus).is_file():
+        ngram_corpus = str(Path(ngram_corpus).resolve())  # stored absolute: the story page reopens it
     return RulesConfig(
-        ngram_corpus=getattr(args, "ngram_corpus", None) or "", rule_set=getattr(args, "rule_set", "subgram"),
+        ngram_corpus=ngram_corpus, rule_set=getattr(args, "rule_set", "subgram"),
         distance=getattr(args, "distance", "variational"), split=getattr(args, "ngram_split", "auto"), batch_size=args.batch_size,
     )
 
