@@ -4,10 +4,15 @@ Each worker is a Ray actor that loads the model once and sweeps the shards it is
 accumulators, returning them; the driver (``runs.execute``) merges them in shard order, writes
 per-token output and checkpoints, exactly as for a local sweep. So 1 worker and N workers give
 the same result. At most ``2 x workers`` shards are in flight, so the driver's memory stays
-bounded. Each worker uses as many torch threads as the driver (``TINYSCOPE_WORKER_THREADS``
-overrides): torch splits float64 reductions by thread, so equal thread counts keep results
-bit-identical to a one-process run; other counts differ in the last bits of means and head
-scores only. Ray is an optional extra (``pip install 'tinyscope[ray]'``); nothing imports it unless
+bounded.
+
+Threads: on a local cluster each worker gets an equal share of this machine's cores (at least
+one: two workers on two cores run one thread each, not two each fighting over the cores); on a
+cluster joined with ``--ray-address``, as many as this process uses. ``TINYSCOPE_WORKER_THREADS``
+overrides both. A matrix product can round its last bit differently with another thread count
+(measured: stories260K's float32 forward differs in one MLP column at 1 vs 2 threads; the bundled
+model's does not), so results are bit-identical to a one-process run with the same number of
+threads per worker, and equal up to float rounding otherwise. Ray is an optional extra (``pip install 'tinyscope[ray]'``); nothing imports it unless
 one of those options is given.
 """
 
@@ -44,6 +49,15 @@ class SweepWorker:
         return pickle.dumps(sweep_shard(self.lm, shard, accs, self.batch_size), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def worker_threads(workers: int, ray_address: str | None, own: int) -> int:
+    """Torch threads per worker (see the module docstring)."""
+    if os.environ.get("TINYSCOPE_WORKER_THREADS"):
+        return max(1, int(os.environ["TINYSCOPE_WORKER_THREADS"]))
+    if ray_address:
+        return max(1, own)
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def ray_sweep(args, names: list[str]):
     """A ``RunSetup.sweep_shards`` that sends shards to Ray workers and yields (shard, accs) in order."""
     try:
@@ -66,9 +80,7 @@ def ray_sweep(args, names: list[str]):
                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
             started = True
         try:
-            # float64 sums inside torch reductions split by thread: the same thread count as
-            # this process keeps every result bit-identical to a one-process run
-            threads = int(os.environ.get("TINYSCOPE_WORKER_THREADS") or torch.get_num_threads())
+            threads = worker_threads(n, args.ray_address, torch.get_num_threads())
             opts = {"num_gpus": 1} if args.device == "cuda" else {"num_cpus": 1}
             Worker = ray.remote(**opts)(SweepWorker)
             workers = [Worker.remote(str(args.model), args.device, args.batch_size, threads) for _ in range(n)]

@@ -155,8 +155,13 @@ def test_locked_database_loses_nothing(tmp_path, stories260k_path, valid_corpus,
 
 def test_ray_workers_equal_one_process(tmp_path, stories260k_path, valid_corpus, reference):
     pytest.importorskip("ray", reason="Ray is the optional extra tinyscope[ray]")
+    import torch
+
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    p = _cli(_args(stories260k_path, valid_corpus, url, "--workers", "3"))
+    # the reference ran with this process's thread count: the same count per worker keeps the
+    # float32 matrix products bit-identical (see precompute/ray_sweep.py)
+    env = {**os.environ, "TINYSCOPE_WORKER_THREADS": str(torch.get_num_threads())}
+    p = _cli(_args(stories260k_path, valid_corpus, url, "--workers", "3"), env=env)
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err
     _assert_same(_contents(url), reference)
@@ -189,3 +194,14 @@ def test_tokens_of_a_shard_keep_their_global_keys(lm260k, valid_corpus):
     keys = np.concatenate([p.keys() for p in parts])
     np.testing.assert_array_equal(keys, whole.keys())
     assert [p.first_seq for p in parts] == list(np.cumsum([0] + [len(p.ids) for p in parts[:-1]]))
+
+
+def test_worker_threads_share_the_cores(monkeypatch):
+    from precompute.ray_sweep import worker_threads
+
+    monkeypatch.delenv("TINYSCOPE_WORKER_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [worker_threads(n, None, 16) for n in (1, 2, 3, 16, 40)] == [16, 8, 5, 1, 1]  # local: a share each
+    assert worker_threads(4, "10.0.0.1:6379", 6) == 6  # a joined cluster: this process's count
+    monkeypatch.setenv("TINYSCOPE_WORKER_THREADS", "3")
+    assert worker_threads(2, None, 16) == 3 and worker_threads(2, "10.0.0.1:6379", 6) == 3
