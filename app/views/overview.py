@@ -218,20 +218,21 @@ for l, u in compared:
     for unit_name, scores in (("neurons", u.neurons), ("SAE features", u.features)):
         counts, _ = np.histogram(np.clip(scores, 0, 1), bins=bins)
         for i, c in enumerate(counts):
-            hist.append(dict(unit=unit_name, lo=float(bins[i]), hi=float(bins[i + 1]), count=int(c),
+            hist.append(dict(unit=unit_name, bin=f"{bins[i]:.2f}-{bins[i + 1]:.2f}", lo=float(bins[i]), hi=float(bins[i + 1]), count=int(c),
                              share=float(c / max(len(scores), 1))))
     fchart = (
         alt.Chart(pd.DataFrame(hist))
-        .mark_bar(opacity=0.55)
+        .mark_bar()
         .encode(
-            x=alt.X("lo:Q", title=f"layer {l}: best explanation's score (F1)", scale=alt.Scale(domain=[0, 1])), x2="hi:Q",
-            y=alt.Y("share:Q", stack=None, title="share of units", axis=alt.Axis(format="%")),
+            x=alt.X("bin:N", sort=None, title=f"layer {l}: best explanation's score (F1)", axis=alt.Axis(labelAngle=-45)),
+            xOffset=alt.XOffset("unit:N", sort=["neurons", "SAE features"]),
+            y=alt.Y("share:Q", title="share of units", axis=alt.Axis(format="%")),
             color=alt.Color("unit:N", scale=alt.Scale(domain=["neurons", "SAE features"], range=["#2870ff", "#ff7600"]),
                             legend=alt.Legend(orient="top", title=None)),
             tooltip=["unit", alt.Tooltip("lo:Q", format=".2f", title="from"), alt.Tooltip("hi:Q", format=".2f", title="to"),
                      "count", alt.Tooltip("share:Q", format=".1%")],
         )
-        .properties(height=200)
+        .properties(height=220)
     )
     st.altair_chart(fchart, width="stretch", key=f"f1-{model}-{l}")
     dead = f"; {u.dead_features} dead, left out" if u.dead_features else ""
