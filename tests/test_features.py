@@ -274,3 +274,56 @@ def test_feature_pages(features_db, lm260k, monkeypatch):
     assert f"median best F1 **{u.median_neurons:.2f}**" in text and f"**{u.median_features:.2f}** over" in text
     table = next(df.value for df in at.dataframe if "link" in df.value.columns and "firing" in df.value.columns)
     assert len(table) == N_FEATURES and all("unit=feature" in x for x in table["link"])
+
+
+def test_bundled_model_features_by_hand(bundled_lm, valid_corpus):
+    """The bundled model (GPT-2 family: Conv1D weights, LayerNorm): an SAE made in the test (random
+    decoder, encoder its transpose, no training) through the job's API; each feature's max and top
+    example against a pre-hook on c_proj and the encoder in numpy, its logit effects against
+    W_dec @ c_proj.weight @ (W_U * ln_f scale) by hand."""
+    from precompute.corpus import read_text_corpus
+    from precompute.jobs.neurons import NeuronsConfig, run
+    from precompute.sae.model import FeatureUnits, TopKSAE
+    from precompute.sequences import tokenize
+
+    lm, layer, k = bundled_lm, 1, 4
+    seqs = tokenize(lm, read_text_corpus(valid_corpus, max_stories=40), ctx_len=64, max_tokens=800)
+    c_proj = lm.model.transformer.h[layer].mlp.c_proj
+    xs = []
+    for ids in seqs.ids:
+        seen = {}
+        h = c_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
+        try:
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor(np.asarray(ids)[None, :], dtype=torch.long))
+        finally:
+            h.remove()
+        xs.append(seen["x"][0].double().numpy())
+    sae = TopKSAE(lm.d_mlp, 40, k)
+    sae.init_from(torch.from_numpy(np.concatenate(xs)).float(), seed=3)
+    res = run(lm, seqs, NeuronsConfig(top_k=3, sae=FeatureUnits(1, 1, "tinystories-4l", layer, sae)))
+    L = res.layers[0]
+    assert L.layer == layer and len(L.max) == 40
+    w = {n: v.detach().double().numpy() for n, v in sae.state_dict().items()}
+    first = seqs.first_scored()
+    z = []
+    for x in xs:
+        pre = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0.0)
+        keep = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+        zz = np.zeros_like(pre)
+        np.put_along_axis(zz, keep, np.take_along_axis(pre, keep, 1), 1)
+        z.append(zz[first:])
+    allz = np.concatenate(z)
+    assert np.allclose(L.max, allz.max(0), atol=1e-4) and np.allclose(L.mean, allz.mean(0), atol=1e-5)
+    for f in range(40):
+        if allz[:, f].max() > 0:
+            e = L.examples[f][0]
+            assert e.act == pytest.approx(z[e.seq][e.pos - first, f], abs=1e-4)
+            assert e.act == pytest.approx(allz[:, f].max(), abs=1e-4)
+    m = lm.model
+    W_U = (m.lm_head.weight.detach().double() * m.transformer.ln_f.weight.detach().double()[None, :]).numpy().T
+    effects = w["W_dec"] @ c_proj.weight.detach().double().numpy() @ W_U
+    for f in (0, 13, 39):
+        order = np.argsort(-effects[f], kind="stable")[: L.logit_top.shape[1]]
+        assert L.logit_top[f].tolist() == order.tolist()
+        assert np.allclose(L.logit_top_values[f], effects[f][order], atol=1e-4)
