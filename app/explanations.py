@@ -68,6 +68,6 @@ def show_list(model: str, layer: int, neuron: int, explanations: list[eq.Explana
             st.page_link("views/neuron.py", label=md_escape(e.label),
                          query_params=url.neuron_params(model, layer, neuron, **hypothesis_params(e)))
         c[1].caption(scores_text(e))
-    st.caption("Found offline from this neuron's own stored data and scored on its spectrum sample as the "
+    st.caption("Found offline from its own stored data and scored on its spectrum sample as the "
                "hypothesis below scores what you type: F1 of precision and recall of 'activation in the top range'. "
                "Click one to see it on the spectrum.")

@@ -203,6 +203,10 @@ def test_bad_input_is_one_line(features_db, stories260k_path, valid_corpus, caps
     assert main(base + ["--sae", "2"]) == 2  # run 2 is the neuron run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a complete SAE run" in err
+    bundled = str(ROOT / "data" / "models" / "tinystories-4l")
+    assert main(base[:2] + [bundled] + base[3:] + ["--sae", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SAE run 1 was trained on 'stories260K', not on 'tinystories-4l'" in err
     assert main(["show", "neuron", "--model", "stories260K", "--layer", str(LAYER), "--neuron", str(N_FEATURES),
                  "--unit", "feature", "--db", features_db]) == 2
     assert f"feature {N_FEATURES} out of range" in capsys.readouterr().err

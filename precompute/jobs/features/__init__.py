@@ -21,8 +21,14 @@ def _config(args):
     if sae_run is None:
         raise ValueError("the features job needs --sae RUN: the run of a stored SAE (`precompute train-sae`; "
                          "`precompute runs` lists it as job sae)")
+    from ...models import DEFAULT_MODEL, model_name
+
     with open_store(args.db, create=False).session() as s:
         units = feature_units(s, sae_run)
+    model = model_name(str(getattr(args, "model", None) or DEFAULT_MODEL))
+    if units.model != model:  # before any run row is made
+        raise ValueError(f"SAE run {sae_run} was trained on {units.model!r}, not on {model!r}; "
+                         f"give --model {units.model} or another --sae")
     return replace(_neurons_config(args), layers=None, sae=units)
 
 

@@ -120,10 +120,6 @@ class NeuronsConfig:
             out["layers"] = [self.sae.layer]
         return out
 
-    @property
-    def unit(self) -> str:
-        return "neuron" if self.sae is None else "feature"
-
 
 @dataclass(slots=True)
 class Example:
@@ -210,11 +206,13 @@ def _layers(lm: LoadedModel, cfg: NeuronsConfig) -> list[int]:
 
 def _width(lm: LoadedModel, cfg: NeuronsConfig) -> int:
     """Units per layer: the MLP's neurons, or the SAE's features (checked against the model)."""
+    from ...models import model_name
+
     if cfg.sae is None:
         return lm.d_mlp
-    if cfg.sae.sae.d_in != lm.d_mlp:
-        raise ValueError(f"SAE run {cfg.sae.run_id} was trained on {cfg.sae.model!r} (d_mlp {cfg.sae.sae.d_in}), "
-                         f"not on this model (d_mlp {lm.d_mlp})")
+    if cfg.sae.sae.d_in != lm.d_mlp or cfg.sae.model != model_name(lm.model_id):
+        raise ValueError(f"SAE run {cfg.sae.run_id} was trained on {cfg.sae.model!r}, not on "
+                         f"{model_name(lm.model_id)!r}; give --model {cfg.sae.model} or another --sae")
     return cfg.sae.n_features
 
 
