@@ -69,15 +69,38 @@ def latest_run(url: str, model: str, job: str, v: float = 0.0) -> q.RunInfo:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def neuron_page(url: str, model: str, layer: int, neuron: int, v: float = 0.0) -> nq.NeuronPage:
+def neuron_page(url: str, model: str, layer: int, neuron: int, v: float = 0.0, unit: str = "neuron") -> nq.NeuronPage:
     with _session(url) as s:
-        return nq.neuron_page(s, model, layer, neuron)
+        return nq.neuron_page(s, model, layer, neuron, unit=unit)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def layer_neurons(url: str, model: str, layer: int | None, v: float = 0.0) -> list[nq.NeuronSummary]:
+def layer_neurons(url: str, model: str, layer: int | None, v: float = 0.0, unit: str = "neuron") -> list[nq.NeuronSummary]:
     with _session(url) as s:
-        return nq.layer_neurons(s, model, layer)
+        return nq.layer_neurons(s, model, layer, unit=unit)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def unit_run(url: str, model: str, layer: int, unit: str, v: float = 0.0) -> q.RunInfo:
+    """The run holding a layer's units (neurons, or its SAE's features); NotFound: one line."""
+    with _session(url) as s:
+        return nq.unit_run(s, model, layer, unit)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def feature_runs(url: str, model: str, v: float = 0.0) -> dict[int, q.RunInfo]:
+    """Layer -> its newest SAE feature run."""
+    with _session(url) as s:
+        return nq.feature_runs(s, model)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def load_sae(url: str, model: str, layer: int, sae_run: int):
+    """A stored SAE as a module (the feature page's live test)."""
+    from precompute.sae.tables import load_sae as load
+
+    with _session(url) as s:
+        return load(s, model, layer, sae_run)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -27,9 +27,17 @@ def neuron_explanations(db_url: str, model: str, layer: int, neuron: int, neuron
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def best_explanations(db_url: str, model: str, v: float = 0.0):
+def best_explanations(db_url: str, model: str, v: float = 0.0, neurons_run: int | None = None):
+    """(layer, unit) -> best explanation, of the newest neuron run (or of run ``neurons_run``: a feature run's)."""
     with get_store(db_url).session() as s:
-        return eq.best_explanations(s, model)
+        return eq.best_explanations(s, model, neurons_run)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def unit_scores(db_url: str, model: str, layer: int, v: float = 0.0):
+    """Neurons vs SAE features of a layer by best-explanation F1 (None: not both explained)."""
+    with get_store(db_url).session() as s:
+        return eq.unit_scores(s, model, layer)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -39,8 +47,8 @@ def search(db_url: str, model: str, words: str, limit: int = 50, v: float = 0.0)
 
 
 def hypothesis_params(e: eq.ExplanationView) -> dict[str, str]:
-    """URL parameters that open explanation ``e`` as the neuron page's hypothesis."""
-    return dict(hyp=e.text, mode=e.mode, top=str(e.top_pct))
+    """URL parameters that open explanation ``e`` as the neuron page's hypothesis (a feature's: its page)."""
+    return dict(**({"unit": "feature"} if e.unit == "feature" else {}), hyp=e.text, mode=e.mode, top=str(e.top_pct))
 
 
 def hypothesis_link(model: str, e: eq.ExplanationView) -> str:
@@ -60,6 +68,6 @@ def show_list(model: str, layer: int, neuron: int, explanations: list[eq.Explana
             st.page_link("views/neuron.py", label=md_escape(e.label),
                          query_params=url.neuron_params(model, layer, neuron, **hypothesis_params(e)))
         c[1].caption(scores_text(e))
-    st.caption("Found offline from this neuron's own stored data and scored on its spectrum sample as the "
+    st.caption("Found offline from its own stored data and scored on its spectrum sample as the "
                "hypothesis below scores what you type: F1 of precision and recall of 'activation in the top range'. "
                "Click one to see it on the spectrum.")

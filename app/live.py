@@ -30,22 +30,30 @@ class LiveActs:
         return max(range(len(self.acts)), key=lambda i: self.acts[i]) if self.acts else -1
 
 
-def neuron_on_ids(lm: LoadedModel, ids: list[int], layer: int, neuron: int) -> list[float]:
-    """Activation of ``layer``/``neuron`` at every position of one sequence (no truncation)."""
-    lm.check_neuron(layer, neuron)
+def neuron_on_ids(lm: LoadedModel, ids: list[int], layer: int, neuron: int, sae=None) -> list[float]:
+    """Activation of ``layer``/``neuron`` at every position of one sequence (no truncation); with
+    ``sae`` (a ``TopKSAE`` of that layer) of its feature ``neuron``: the SAE's encoding of hook_post."""
     x = torch.tensor([list(ids)], dtype=torch.long)
-    return neuron_acts(lm, x, [layer])[layer][0, :, neuron].float().tolist()
+    if sae is None:
+        lm.check_neuron(layer, neuron)
+        return neuron_acts(lm, x, [layer])[layer][0, :, neuron].float().tolist()
+    lm.check_layer(layer)
+    if not 0 <= neuron < sae.n_features:
+        raise ValueError(f"feature {neuron} out of range: the SAE has features 0-{sae.n_features - 1}")
+    with torch.inference_mode():
+        return sae.encode(neuron_acts(lm, x, [layer])[layer][0].float().cpu())[:, neuron].tolist()
 
 
-def neuron_on_text(lm: LoadedModel, text: str, layer: int, neuron: int, prepend_bos: bool | None = None) -> LiveActs:
+def neuron_on_text(lm: LoadedModel, text: str, layer: int, neuron: int, prepend_bos: bool | None = None,
+                   sae=None) -> LiveActs:
     """Tokenize ``text`` (BOS first when ``prepend_bos``, default the model's policy), keep the first
-    ``n_ctx`` tokens and return the neuron's activation at each."""
+    ``n_ctx`` tokens and return the neuron's (``sae``: the SAE feature's) activation at each."""
     ids = lm.encode(text, prepend_bos=prepend_bos)
     n = len(ids)
     ids = ids[: lm.n_ctx]
     if not ids:
         return LiveActs((), (), (), (), 0, lm.n_ctx)
-    acts = neuron_on_ids(lm, ids, layer, neuron)
+    acts = neuron_on_ids(lm, ids, layer, neuron, sae)
     special = lm.special_ids
     return LiveActs(
         ids=tuple(ids), tokens=tuple(lm.token_strs(ids)), special=tuple(i in special for i in ids),

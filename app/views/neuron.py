@@ -1,4 +1,6 @@
-"""Neuron page: ``/neuron?model=M&layer=L&neuron=N``.
+"""Neuron page: ``/neuron?model=M&layer=L&neuron=N``; an SAE feature's page:
+``/neuron?model=M&layer=L&unit=feature&neuron=F`` (feature F of the SAE of layer L, from its newest
+feature run: everything below, with the feature's activation = the SAE's encoding of hook_post).
 
 Every view state is in the URL, so a copied link reopens the same view: ``page`` / ``lpage``
 (page of the top / bottom examples), ``hyp`` + ``mode`` (hypothesis, ``list``, ``regex`` or
@@ -25,7 +27,7 @@ from precompute.models import ModelError
 from precompute.store.queries import NotFound
 
 PAGE_SIZE = 5
-CARRIED = ("hyp", "mode", "log", "top", "alltok", "prompt")  # view state kept by previous/next/go to
+CARRIED = ("unit", "hyp", "mode", "log", "top", "alltok", "prompt")  # view state kept by previous/next/go to
 
 
 def carried() -> dict[str, str]:
@@ -77,8 +79,10 @@ def symlog_ticks(top: float) -> list[float]:
 
 
 @st.cache_data(show_spinner="Running the model…", max_entries=128)
-def live_acts(source: str, text: str, layer: int, neuron: int, prepend_bos: bool):
-    return neuron_on_text(get_model(source), text, layer, neuron, prepend_bos)
+def live_acts(source: str, text: str, layer: int, neuron: int, prepend_bos: bool, sae_of: tuple | None = None):
+    """``sae_of``: (model, SAE run) when ``neuron`` is a feature of that SAE."""
+    sae = None if sae_of is None else cached.load_sae(DB_URL, sae_of[0], layer, sae_of[1])
+    return neuron_on_text(get_model(source), text, layer, neuron, prepend_bos, sae)
 
 
 def token_label(text: str, tid: int, dupes: set[str]) -> str:
@@ -90,28 +94,44 @@ def token_label(text: str, tid: int, dupes: set[str]) -> str:
 # -------------------------------------------------------------------------------- what to show
 model, info, V = cached.page_model("neurons")
 layer = param_int("layer", 0, 0, info.n_layers - 1)
-neuron = param_int("neuron", 0, 0, info.d_mlp - 1)
+unit = url.get_choice("unit", ("neuron", "feature"), "neuron")
+feature = unit == "feature"
+U = "F" if feature else "N"  # L2 F5 / L2 N5
+what = "feature" if feature else "neuron"
+# a feature's range is its SAE's, known once its run is found (the query says so in one line)
+neuron = param_int("neuron", 0, 0, None if feature else info.d_mlp - 1)
 try:
-    p = cached.neuron_page(DB_URL, model, layer, neuron, V)
+    p = cached.neuron_page(DB_URL, model, layer, neuron, V, unit)
 except NotFound as e:
     bad_param(str(e))
 S = p.stats
+sae = p.run.params.get("sae") if feature else None
 # same-page links (previous/next) change the view but not the address bar: write the state back
 st.query_params.update(url.neuron_params(model, layer, neuron, **carried()))
 
 # -------------------------------------------------------------------------------- header
-st.title(f"{model} · L{layer} N{neuron}")
+st.title(f"{model} · L{layer} {U}{neuron}")
 run = p.run
 corpus = f"{run.corpus} (synthetic: stories sampled from the model)" if run.corpus_synthetic else run.corpus
-st.caption(
-    f"Neuron {neuron} of layer {layer} (MLP hook_post; {info.d_mlp} neurons × {info.n_layers} layers). "
-    f"Neuron run {run.id}: {run.n_tokens:,} tokens scored from {corpus}; "
-    f"{'BOS prepended (never scored)' if run.prepend_bos else 'no BOS'}; {run.finished_at:%Y-%m-%d %H:%M}."
-)
-total = p.n_layers * p.d_mlp
-idx = layer * p.d_mlp + neuron
-prev_l, prev_n = divmod((idx - 1) % total, p.d_mlp)
-next_l, next_n = divmod((idx + 1) % total, p.d_mlp)
+if feature:
+    st.caption(
+        f"Feature {neuron} of the sparse autoencoder on layer {layer}'s MLP hook_post (SAE run {sae['run']}: "
+        f"{sae['n_features']} features, TopK k={sae['k']}; a feature's activation is the SAE's encoding of hook_post). "
+        f"Feature run {run.id}: {run.n_tokens:,} tokens scored from {corpus}; "
+        f"{'BOS prepended (never scored)' if run.prepend_bos else 'no BOS'}; {run.finished_at:%Y-%m-%d %H:%M}."
+    )
+    # previous/next stay among this SAE's features
+    prev_l, prev_n, next_l, next_n = layer, (neuron - 1) % p.n_units, layer, (neuron + 1) % p.n_units
+else:
+    st.caption(
+        f"Neuron {neuron} of layer {layer} (MLP hook_post; {info.d_mlp} neurons × {info.n_layers} layers). "
+        f"Neuron run {run.id}: {run.n_tokens:,} tokens scored from {corpus}; "
+        f"{'BOS prepended (never scored)' if run.prepend_bos else 'no BOS'}; {run.finished_at:%Y-%m-%d %H:%M}."
+    )
+    total = p.n_layers * p.d_mlp
+    idx = layer * p.d_mlp + neuron
+    prev_l, prev_n = divmod((idx - 1) % total, p.d_mlp)
+    next_l, next_n = divmod((idx + 1) % total, p.d_mlp)
 nav_box = st.container()  # filled at the end, so the links carry the view state this run wrote
 
 m = st.columns(5)
@@ -123,7 +143,7 @@ m[4].metric("firing (> 0)", f"{S.frac_pos:.1%}")
 if p.bos_above_max:
     ratio = f", {p.bos_act / S.max:.1f}× its scored max" if S.max > 0 else ""
     st.warning(
-        f"On BOS this neuron reaches {p.bos_act:.3f}{ratio} ({S.max:.3f}). BOS (position 0) is never scored: "
+        f"On BOS this {what} reaches {p.bos_act:.3f}{ratio} ({S.max:.3f}). BOS (position 0) is never scored: "
         "the numbers, histogram and examples on this page leave it out."
     )
 elif p.bos_act is not None:
@@ -133,12 +153,12 @@ link_box = st.container()  # filled at the end, once every widget has written it
 # -------------------------------------------------------------------------------- examples
 st.subheader("Max-activating examples")
 if not p.examples:
-    st.info("This run stored no examples for this neuron.")
+    st.info(f"This run stored no examples for this {what}.")
 else:
     show_examples(p.examples, "page", "example", max(S.max, 1e-6))
 st.subheader("Min-activating examples")
 if not p.bottom_examples:
-    st.info("This run stored no bottom examples for this neuron.")
+    st.info(f"This run stored no bottom examples for this {what}.")
 else:
     st.caption("The lowest activations (most negative first), by the same rule as the top ones: no two within "
                f"{p.run.params.get('ctx_before', 24)} positions of each other in a sequence.")
@@ -147,7 +167,7 @@ else:
 # -------------------------------------------------------------------------------- quantile bands
 st.subheader("Examples by activation band")
 if not p.bands:
-    st.caption("This neuron never fires above 0: no positive bands.")
+    st.caption(f"This {what} never fires above 0: no positive bands.")
 else:
     st.caption(
         "The positive range 0 to max cut into tenths, each made of whole histogram bars: per band a uniform random "
@@ -174,7 +194,7 @@ st.subheader("Activation spectrum")
 c = st.columns([3, 2, 1, 1])
 mode = url.get_choice("mode", MODES, "list")
 hyp_text = c[0].text_input(
-    "Hypothesis: the neuron fires on…", url.get_str("hyp"),
+    f"Hypothesis: the {what} fires on…", url.get_str("hyp"),
     placeholder="tokens, comma-separated (dog, cat, bird) or a regex (^ [A-Z])",
 )
 mode = c[1].radio("as", list(MODES), index=list(MODES).index(mode), format_func=MODES.get, horizontal=True)
@@ -223,7 +243,7 @@ chart = (
     .add_params(pick)
     .properties(height=260)
 )
-event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key=f"spectrum-{model}-{layer}-{neuron}")
+event = st.altair_chart(chart, on_select="rerun", selection_mode="pick", key=f"spectrum-{model}-{layer}-{unit}-{neuron}")
 st.caption(
     f"Bars: the full histogram ({sum(p.histogram.counts):,} tokens, {len(rows)} bins). The colour split is estimated "
     "from the stored sample of up to 10 random tokens per bin: each sampled token stands for count / n_sampled "
@@ -235,7 +255,7 @@ default_bin = nonempty[-1] if nonempty else 0
 chosen = param_int("bin", default_bin, 0, len(rows) - 1)
 clicked = (getattr(event, "selection", None) or {}).get("pick") or []
 clicked_bin = int(clicked[0]["bin"]) if clicked and "bin" in clicked[0] else None
-if url.new_selection(f"spectrum-{model}-{layer}-{neuron}", clicked_bin) is not None:
+if url.new_selection(f"spectrum-{model}-{layer}-{unit}-{neuron}", clicked_bin) is not None:
     chosen = clicked_bin
 
 if hyp is not None:
@@ -255,7 +275,7 @@ if hyp is not None:
 labels = {r.bin: f"bin {r.bin}: {r.lo:.3f} to {r.hi:.3f} · {r.count:,} tokens, {r.n_sampled} sampled" for r in rows}
 opts = nonempty or [0]
 if chosen not in opts:
-    st.info(f"The link asks for bin {chosen}, which has no tokens for this neuron; showing bin {default_bin} "
+    st.info(f"The link asks for bin {chosen}, which has no tokens for this {what}; showing bin {default_bin} "
             "(the highest one with tokens) instead.")
     chosen = default_bin
 chosen = st.selectbox("Sampled tokens of bin", opts, index=opts.index(chosen) if chosen in opts else 0, format_func=labels.get)
@@ -299,7 +319,7 @@ with left:
             .encode(
                 y=alt.Y("token:N", sort=alt.EncodingSortField("effect", order="descending"), title=None,
                         axis=alt.Axis(labelOverlap=False, labelLimit=160, labelFontSize=12)),
-                x=alt.X("effect:Q", title="logit effect (W_out[n] · W_U)"),
+                x=alt.X("effect:Q", title="logit effect (W_dec[f] · W_out · W_U)" if feature else "logit effect (W_out[n] · W_U)"),
                 color=alt.Color("kind:N", scale=alt.Scale(domain=["promotes", "suppresses", "never seen in the corpus"],
                                                           range=["#ff7600", "#2870ff", "#b8b8b8"]),
                                 legend=alt.Legend(orient="top", title=None)),
@@ -309,7 +329,9 @@ with left:
             .properties(height=max(200, 20 * len(ldf)))
         )
         st.altair_chart(lchart, width="stretch")
-        st.caption("Direct path only: the neuron's output direction times the unembedding (final norm scale folded in). "
+        st.caption(("Direct path only: the feature's decoder direction through the MLP's out projection, times the "
+                    "unembedding (final norm scale folded in). " if feature else
+                    "Direct path only: the neuron's output direction times the unembedding (final norm scale folded in). ")
                    + ("Every token of the vocabulary; grey ones never occur in the corpus." if all_tokens else
                       "Only tokens that occur in the corpus (tick the box for all)."))
 with right:
@@ -328,7 +350,7 @@ with right:
         st.caption("No token was seen often enough.")
 
 # -------------------------------------------------------------------------------- live test
-st.subheader("Test this neuron")
+st.subheader(f"Test this {what}")
 prompt, clipped = limits.clip_prompt(url.get_str("prompt"))
 with st.form("live"):
     prompt = st.text_area("Prompt", prompt, placeholder="Once upon a time, there was a little dog…", height=90,
@@ -342,7 +364,7 @@ if clipped:
 if prompt:
     with limits.live_slot():  # one live request: the model run and its rendering
         try:
-            live = live_acts(info.source, prompt, layer, neuron, run.prepend_bos)
+            live = live_acts(info.source, prompt, layer, neuron, run.prepend_bos, (model, sae["run"]) if feature else None)
         except ModelError as e:
             st.error(f"Cannot run {model} live: {e}")
             live = None
@@ -372,16 +394,17 @@ if prompt:
 with nav_box:
     keep = carried()
     nav = st.columns([1, 1, 1.3, 2.7])
-    nav[0].page_link("views/neuron.py", label=f"← L{prev_l} N{prev_n}",
+    nav[0].page_link("views/neuron.py", label=f"← L{prev_l} {U}{prev_n}",
                      query_params=url.neuron_params(model, prev_l, prev_n, **keep))
-    nav[1].page_link("views/neuron.py", label=f"L{next_l} N{next_n} →",
+    nav[1].page_link("views/neuron.py", label=f"L{next_l} {U}{next_n} →",
                      query_params=url.neuron_params(model, next_l, next_n, **keep))
-    nav[2].page_link("views/overview.py", label="↑ Model overview", query_params={"model": model, "layer": str(layer)})
+    nav[2].page_link("views/overview.py", label="↑ Model overview",
+                     query_params={"model": model, "layer": str(layer), **({"unit": "feature"} if feature else {})})
     with nav[3].form("goto", border=False):
         g = st.columns([1, 1, 1])
         gl = g[0].number_input("layer", 0, info.n_layers - 1, layer, label_visibility="collapsed")
-        gn = g[1].number_input("neuron", 0, info.d_mlp - 1, neuron, label_visibility="collapsed")
-        if g[2].form_submit_button("Go to L/N"):
+        gn = g[1].number_input(what, 0, p.n_units - 1, neuron, label_visibility="collapsed")
+        if g[2].form_submit_button(f"Go to L/{U}"):
             st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(gl), int(gn), **keep))
 with link_box:
     st.caption("Link to this view (copy it with the button at its right):")

@@ -1,6 +1,8 @@
-"""Home: the models and complete runs in the database, and every neuron of a model at a glance.
+"""Home: the models and complete runs in the database, and every neuron of a model at a glance;
+per layer with an SAE feature run, its features (``unit=feature``) and neurons vs features by their
+best explanation's F1.
 
-URL: ``?model=M&layer=L&stat=max&q=dog&explained=quote`` (all optional).
+URL: ``?model=M&layer=L&stat=max&q=dog&explained=quote&unit=feature`` (all optional).
 """
 
 from __future__ import annotations
@@ -201,13 +203,69 @@ sel = url.new_selection(f"bars-{model}-{stat}", (getattr(ev, "selection", None) 
 if sel and "layer" in sel[0] and "neuron" in sel[0]:
     st.switch_page("views/neuron.py", query_params=url.neuron_params(model, int(sel[0]["layer"]), int(sel[0]["neuron"])))
 
+# -------------------------------------------------------------------------------- neurons vs features
+f_runs = cached.feature_runs(DB_URL, model, V)
+compared = [(l, explanations.unit_scores(DB_URL, model, l, V)) for l in sorted(f_runs)]
+compared = [(l, u) for l, u in compared if u is not None]
+if compared:
+    st.subheader("Neurons vs SAE features")
+    st.caption("Per layer with an SAE feature run: the best stored explanation's score (F1) of every neuron and of "
+               "every feature, as a share of each (0 when no candidate explanation scored above 0). Features that "
+               "never fire above 0 (dead) have nothing to explain and are left out, and counted.")
+for l, u in compared:
+    bins = np.linspace(0, 1, 21)
+    hist = []
+    for unit_name, scores in (("neurons", u.neurons), ("SAE features", u.features)):
+        counts, _ = np.histogram(np.clip(scores, 0, 1), bins=bins)
+        for i, c in enumerate(counts):
+            hist.append(dict(unit=unit_name, bin=f"{bins[i]:.2f}-{bins[i + 1]:.2f}", lo=float(bins[i]), hi=float(bins[i + 1]), count=int(c),
+                             share=float(c / max(len(scores), 1))))
+    fchart = (
+        alt.Chart(pd.DataFrame(hist))
+        .mark_bar()
+        .encode(
+            x=alt.X("bin:N", sort=None, title=f"layer {l}: best explanation's score (F1)", axis=alt.Axis(labelAngle=-45)),
+            xOffset=alt.XOffset("unit:N", sort=["neurons", "SAE features"]),
+            y=alt.Y("share:Q", title="share of units", axis=alt.Axis(format="%")),
+            color=alt.Color("unit:N", scale=alt.Scale(domain=["neurons", "SAE features"], range=["#2870ff", "#ff7600"]),
+                            legend=alt.Legend(orient="top", title=None)),
+            tooltip=["unit", alt.Tooltip("lo:Q", format=".2f", title="from"), alt.Tooltip("hi:Q", format=".2f", title="to"),
+                     "count", alt.Tooltip("share:Q", format=".1%")],
+        )
+        .properties(height=220)
+    )
+    st.altair_chart(fchart, width="stretch", key=f"f1-{model}-{l}")
+    dead = f"; {u.dead_features} dead, left out" if u.dead_features else ""
+    st.markdown(
+        f"Layer {l}: median best F1 **{u.median_neurons:.2f}** over {len(u.neurons)} neurons (neuron run "
+        f"{u.neurons_run}), **{u.median_features:.2f}** over {len(u.features)} SAE features (feature run {u.features_run}, "
+        f"SAE run {u.sae_run}{dead}).",
+        help="The medians are of the same scores the chart bins; the neuron page shows each unit's explanations.",
+    )
+
 # -------------------------------------------------------------------------------- layer table
 layer = param_int("layer", 0, 0, info.n_layers - 1)
 layer = st.selectbox("Layer", list(range(info.n_layers)), index=layer)
 url.sync("layer", layer, 0)
-rows = [s for s in all_n if s.layer == layer]
+unit = url.get_choice("unit", ("neuron", "feature"), "neuron")
+if layer in f_runs:
+    sae = f_runs[layer].params["sae"]
+    names_ = {"neuron": f"MLP neurons ({info.d_mlp})", "feature": f"SAE features ({sae['n_features']}, SAE run {sae['run']})"}
+    unit = st.radio("Units", list(names_), index=list(names_).index(unit), format_func=names_.get, horizontal=True)
+elif unit == "feature":
+    st.info(f"Layer {layer} of {model} has no SAE feature run; showing its neurons. Make one with `precompute train-sae "
+            f"--layer {layer} ...`, then `precompute run --jobs features,feature-explanations --sae RUN`.")
+    unit = "neuron"
+url.sync("unit", unit, "neuron")
+feat = unit == "feature"
+ulink = {"unit": "feature"} if feat else {}
+if feat:
+    rows = cached.layer_neurons(DB_URL, model, layer, V, "feature")
+    best = explanations.best_explanations(DB_URL, model, V, f_runs[layer].id)
+else:
+    rows = [s for s in all_n if s.layer == layer]
 tdf = pd.DataFrame(
-    [dict(neuron=s.neuron, link=url.neuron_link(model, s.layer, s.neuron), max=s.max, mean=s.mean, std=s.std,
+    [dict(neuron=s.neuron, link=url.neuron_link(model, s.layer, s.neuron, **ulink), max=s.max, mean=s.mean, std=s.std,
           firing=s.frac_pos, top_tokens=" ".join(f"'{render.visible_text(x)[0]}'" for x in s.top_tokens),
           **({} if not best else dict(explanation=getattr(best.get((s.layer, s.neuron)), "label", ""),
                                       score=getattr(best.get((s.layer, s.neuron)), "score", None)))) for s in rows]
@@ -218,8 +276,9 @@ table = st.dataframe(
     width="stretch",
     on_select="rerun",
     selection_mode="single-row",
-    key=f"table-{model}-{layer}",
+    key=f"table-{model}-{layer}-{unit}",
     column_config={
+        "neuron": st.column_config.NumberColumn("feature" if feat else "neuron"),
         "link": st.column_config.LinkColumn("open", display_text="open ↗"),
         "max": st.column_config.NumberColumn(format="%.3f"),
         "mean": st.column_config.NumberColumn(format="%.3f"),
@@ -230,8 +289,8 @@ table = st.dataframe(
         "top_tokens": st.column_config.TextColumn("top tokens", width="large"),
     },
 )
-st.caption("Click a column header to sort; select a row (or click open ↗) to open the neuron.")
-chosen_rows = url.new_selection(f"table-{model}-{layer}", (getattr(table, "selection", None) or {}).get("rows") or [])
+st.caption(f"Click a column header to sort; select a row (or click open ↗) to open the {unit}.")
+chosen_rows = url.new_selection(f"table-{model}-{layer}-{unit}", (getattr(table, "selection", None) or {}).get("rows") or [])
 if chosen_rows:
     n = int(tdf.iloc[chosen_rows[0]]["neuron"])
-    st.switch_page("views/neuron.py", query_params=url.neuron_params(model, layer, n))
+    st.switch_page("views/neuron.py", query_params=url.neuron_params(model, layer, n, **ulink))

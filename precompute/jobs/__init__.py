@@ -10,11 +10,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Callable
 
-NAMES = ("neurons", "heads", "embeddings", "rules", "explanations")
+NAMES = ("neurons", "heads", "embeddings", "rules", "explanations", "features", "feature-explanations")
 
 
 def _loader(name: str) -> Callable:
-    return lambda: import_module(f"{__name__}.{name}").JOB
+    return lambda: import_module(f"{__name__}.{name.replace('-', '_')}").JOB
 
 
 JOBS: dict[str, Callable] = {name: _loader(name) for name in NAMES}
@@ -23,4 +23,9 @@ JOBS: dict[str, Callable] = {name: _loader(name) for name in NAMES}
 def register_tables() -> None:
     """Import every job's tables so ``Base.metadata`` knows them (before creating a database)."""
     for name in NAMES:
-        import_module(f"{__name__}.{name}.tables")
+        if name in TABLES_OF:
+            import_module(f"{__name__}.{name}.tables")
+
+
+# the jobs with tables of their own (features and feature-explanations use those of neurons and explanations)
+TABLES_OF = ("neurons", "heads", "embeddings", "rules", "explanations")

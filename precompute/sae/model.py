@@ -43,3 +43,41 @@ class TopKSAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+
+class FeatureUnits:
+    """A stored SAE's features as the units of the neuron job (``NeuronsConfig.sae``): a feature's
+    activation is ``encode(hook_post)``, its direct logit effect ``W_dec[f] @ W_out @ W_U`` (its
+    decoder row through the MLP's out projection, as a neuron's is its out-projection row).
+    Compared by identity (``sae_id``), not by weights; pickled with its weights (checkpoints, Ray)."""
+
+    def __init__(self, sae_id: int, run_id: int, model: str, layer: int, sae: TopKSAE):
+        self.sae_id, self.run_id, self.model, self.layer, self.sae = int(sae_id), int(run_id), model, int(layer), sae
+
+    @property
+    def n_features(self) -> int:
+        return self.sae.n_features
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FeatureUnits) and (self.sae_id, self.run_id) == (other.sae_id, other.run_id)
+
+    def __hash__(self) -> int:
+        return hash((self.sae_id, self.run_id))
+
+    def __repr__(self) -> str:
+        return f"FeatureUnits(sae_id={self.sae_id}, run={self.run_id}, layer={self.layer}, n_features={self.n_features})"
+
+    def params(self) -> dict:
+        return {"id": self.sae_id, "run": self.run_id, "layer": self.layer, "n_features": self.n_features, "k": self.sae.k}
+
+    @torch.inference_mode()
+    def encode(self, hook_post: Tensor) -> Tensor:
+        """[..., d_mlp] (any dtype and device) -> float32 feature activations [..., n_features]."""
+        W = self.sae.W_enc
+        if W.device != hook_post.device:
+            self.sae = self.sae.to(hook_post.device)
+        return self.sae.encode(hook_post.float())
+
+    def logit_effects(self, neuron_effects: Tensor) -> Tensor:
+        """[d_mlp, vocab] neuron effects (``W_out @ W_U``) -> [n_features, vocab]: ``W_dec @ W_out @ W_U``."""
+        return self.sae.W_dec.detach().float().cpu() @ neuron_effects.float().cpu()

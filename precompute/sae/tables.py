@@ -88,3 +88,18 @@ def load_sae(s: Session, model: str, layer: int, run_id: int | None = None) -> T
     shapes = {"W_enc": (r.d_in, r.n_features), "b_enc": (r.n_features,), "W_dec": (r.n_features, r.d_in), "b_dec": (r.d_in,)}
     sae.load_state_dict({k: torch.from_numpy(from_blob(getattr(r, k), "<f4").reshape(v).copy()) for k, v in shapes.items()})
     return sae.eval()
+
+
+def feature_units(s: Session, sae_run: int) -> "FeatureUnits":
+    """The SAE stored by run ``sae_run`` (`precompute runs` lists it) as the neuron job's units."""
+    from ..store.tables import ModelRow, RunRow
+    from .model import FeatureUnits
+
+    run = s.get(RunRow, int(sae_run))
+    if run is None or run.job != "sae" or run.status != "complete":
+        raise NotFound(f"run {sae_run} is not a complete SAE run; `precompute runs` lists them (job sae)")
+    row = s.scalar(select(SaeRow).where(SaeRow.run_id == run.id))
+    if row is None:
+        raise NotFound(f"SAE run {sae_run} stored no SAE")
+    model = s.get(ModelRow, run.model_id).name
+    return FeatureUnits(row.id, run.id, model, row.layer, load_sae(s, model, row.layer, run.id))

@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy.orm import DeclarativeBase
 
 # Bump when a table changes shape; a database written with another version is refused on open.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: neuron and explanation rows say their unit (sae_id)
 
 
 class Base(DeclarativeBase):

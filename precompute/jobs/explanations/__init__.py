@@ -25,8 +25,10 @@ def _derive(s, source, cfg: ExplanationsConfig) -> ExplanationsResult:
 
     info = get_model(s, source.model)
     neurons = read_neurons(s, source.id)
-    return explain(neurons, vocab(s, source.model), set(info.special_ids), info.bos_id if source.prepend_bos else None,
-                   cfg, source.id)
+    res = explain(neurons, vocab(s, source.model), set(info.special_ids), info.bos_id if source.prepend_bos else None,
+                  cfg, source.id)
+    res.sae_id = (source.params.get("sae") or {}).get("id")  # a feature run's SAE
+    return res
 
 
 def _summary(r: ExplanationsResult) -> dict:

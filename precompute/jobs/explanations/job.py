@@ -91,6 +91,7 @@ class ExplanationsResult:
     explanations: list[Explanation] = field(default_factory=list)
     n_neurons: int = 0
     seconds: float = 0.0
+    sae_id: int | None = None  # the units are this SAE's features (None: MLP neurons)
 
 
 @dataclass

@@ -21,7 +21,8 @@ class ExplanationRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     layer: Mapped[int] = mapped_column(Integer)
-    neuron: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)  # the unit's index: neuron, or feature of ``sae_id``
+    sae_id: Mapped[int | None] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), nullable=True, default=None)
     rank: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(16))
     label: Mapped[str] = mapped_column(String(2100))
@@ -34,7 +35,7 @@ class ExplanationRow(Base):
 
 
 def write_explanations(s: Session, run_id: int, result) -> None:
-    rows = [dict(run_id=run_id, layer=e.layer, neuron=e.neuron, rank=e.rank, kind=e.kind, label=e.label, mode=e.mode,
+    rows = [dict(run_id=run_id, layer=e.layer, neuron=e.neuron, sae_id=result.sae_id, rank=e.rank, kind=e.kind, label=e.label, mode=e.mode,
                  text=e.text, score=e.score, recall=e.recall, precision=e.precision, n_top=e.n_top)
             for e in result.explanations]
     for i in range(0, len(rows), 5000):
@@ -68,14 +69,19 @@ class ExplanationView:
     precision: float
     n_top: int
     top_pct: int  # the "top %" it was scored with
+    unit: str = "neuron"  # or "feature" (``neuron`` is then the feature's index)
+
+
+EXPLANATION_JOBS = ("explanations", "feature-explanations")  # of a neuron run, of a feature run
 
 
 def explanations_run(s: Session, model: str, neurons_run: int | None = None) -> RunInfo | None:
-    """The newest complete explanation run made from ``neurons_run`` (default: the newest neuron
-    run of ``model``); None when there is none."""
+    """The newest complete explanation run made from ``neurons_run`` (a neuron or a feature run;
+    default: the newest neuron run of ``model``); None when there is none."""
     if neurons_run is None:
         neurons_run = latest_run(s, model, "neurons").id
-    for r in list_runs(s, model, "explanations"):
+    runs = [r for job in EXPLANATION_JOBS for r in list_runs(s, model, job)]
+    for r in sorted(runs, key=lambda r: -r.id):
         if r.params.get("source_run") == neurons_run:
             return r
     return None
@@ -83,7 +89,7 @@ def explanations_run(s: Session, model: str, neurons_run: int | None = None) -> 
 
 def _view(r: ExplanationRow, top_pct: int) -> ExplanationView:
     return ExplanationView(r.layer, r.neuron, r.rank, r.kind, r.label, r.mode, r.text, r.score, r.recall, r.precision,
-                           r.n_top, top_pct)
+                           r.n_top, top_pct, "neuron" if r.sae_id is None else "feature")
 
 
 def neuron_explanations(s: Session, model: str, layer: int, neuron: int, neurons_run: int | None = None) -> list[ExplanationView]:
@@ -122,6 +128,61 @@ def search_explanations(s: Session, model: str, words: str, limit: int = 50, neu
                 best[k] = r
     rows = sorted(best.values(), key=lambda r: (-r.score, r.layer, r.neuron))[:limit]
     return [_view(r, run.params.get("top_pct", 20)) for r in rows]
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    """Neurons vs SAE features of one layer, by the best stored explanation's F1 of each unit (0
+    when no candidate scored above 0). Units that never fire above 0 (dead) are left out and
+    counted: they have no top range to explain."""
+
+    layer: int
+    neurons_run: int
+    features_run: int
+    sae_run: int
+    neurons: tuple[float, ...]
+    features: tuple[float, ...]
+    dead_neurons: int
+    dead_features: int
+
+    @staticmethod
+    def _median(x) -> float | None:
+        return float(np.median(x)) if len(x) else None
+
+    @property
+    def median_neurons(self) -> float | None:
+        return self._median(self.neurons)
+
+    @property
+    def median_features(self) -> float | None:
+        return self._median(self.features)
+
+
+def unit_scores(s: Session, model: str, layer: int) -> UnitScores | None:
+    """The neurons-vs-features comparison of ``layer``: from the newest neuron run and the newest
+    feature run of the layer's SAE, each with its explanation run; None when any is missing."""
+    from ..neurons.tables import feature_runs
+
+    frun = feature_runs(s, model).get(int(layer))
+    runs = list_runs(s, model, "neurons")
+    if frun is None or not runs:
+        return None
+    nrun = runs[0]
+    out = {}
+    for unit, run in (("neurons", nrun), ("features", frun)):
+        erun = explanations_run(s, model, run.id)
+        if erun is None:
+            return None
+        best = dict(s.execute(select(ExplanationRow.neuron, ExplanationRow.score).where(
+            ExplanationRow.run_id == erun.id, ExplanationRow.layer == int(layer), ExplanationRow.rank == 0)).all())
+        maxes = s.execute(select(NeuronStatsRow.neuron, NeuronStatsRow.max).where(
+            NeuronStatsRow.run_id == run.id, NeuronStatsRow.layer == int(layer)).order_by(NeuronStatsRow.neuron)).all()
+        if not maxes:
+            return None
+        live = [n for n, mx in maxes if mx > 0]
+        out[unit] = (tuple(float(best.get(n, 0.0)) for n in live), len(maxes) - len(live))
+    return UnitScores(int(layer), nrun.id, frun.id, int(frun.params["sae"]["run"]), out["neurons"][0],
+                      out["features"][0], out["neurons"][1], out["features"][1])
 
 
 # ---------------------------------------------------------------------------------------------

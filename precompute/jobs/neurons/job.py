@@ -48,6 +48,11 @@ on how the corpus was cut into shards or batches (floating-point sums aside, see
 8. **BOS activation**: each neuron's activation at position 0 of the sequence with the smallest
    index that has a BOS (every BOS is the same token at the same position); never scored.
 
+**Units.** By default the units are the MLP neurons (hook_post) of the chosen layers. With
+``cfg.sae`` (a stored SAE, ``precompute.sae.model.FeatureUnits``) they are that SAE's features on
+its one layer: each batch's hook_post is encoded by the SAE, and everything above runs on the
+feature activations unchanged; a feature's direct logit effect is ``W_dec[f] @ W_out @ W_U``.
+
 The per-batch update is one compiled kernel per layer (``scan.update_block``) run over neuron
 blocks on threads (``backend="numba"``, the CPU default), or torch ops on the model's device
 (``"torch"``, the CUDA default), which reduce there so only small results reach the CPU.
@@ -64,6 +69,7 @@ import numpy as np
 import torch
 
 from ...models import LoadedModel
+from ...sae.model import FeatureUnits
 from ...sequences import Batch, Sequences
 from ...sweep import Captured, Needs
 from . import scan
@@ -91,6 +97,7 @@ class NeuronsConfig:
     tracked_tokens: tuple[int, ...] | None = None  # set by ``prepare`` when dense sums exceed the budget
     backend: Backend = "auto"
     seed: int = 0
+    sae: FeatureUnits | None = None  # units: this SAE's features (on its layer), not the MLP neurons
 
     def __post_init__(self):
         for name in ("top_k", "n_bins", "samples_per_bin", "batch_size", "token_sums_mb"):
@@ -102,10 +109,15 @@ class NeuronsConfig:
             raise ValueError("n_top_tokens must be >= 0 and min_token_count >= 1")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
+        if self.sae is not None and self.layers not in (None, (self.sae.layer,)):
+            raise ValueError(f"the SAE's features are on layer {self.sae.layer} only")
 
     def params(self) -> dict:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         out["tracked_tokens"] = None if self.tracked_tokens is None else len(self.tracked_tokens)
+        out["sae"] = None if self.sae is None else self.sae.params()
+        if self.sae is not None:
+            out["layers"] = [self.sae.layer]
         return out
 
 
@@ -183,15 +195,30 @@ class NeuronsResult:
 
 
 def _layers(lm: LoadedModel, cfg: NeuronsConfig) -> list[int]:
-    layers = list(cfg.layers) if cfg.layers is not None else list(range(lm.n_layers))
+    if cfg.sae is not None:
+        layers = [cfg.sae.layer]
+    else:
+        layers = list(cfg.layers) if cfg.layers is not None else list(range(lm.n_layers))
     for layer in layers:
         lm.check_layer(layer)
     return layers
 
 
+def _width(lm: LoadedModel, cfg: NeuronsConfig) -> int:
+    """Units per layer: the MLP's neurons, or the SAE's features (checked against the model)."""
+    from ...models import model_name
+
+    if cfg.sae is None:
+        return lm.d_mlp
+    if cfg.sae.sae.d_in != lm.d_mlp or cfg.sae.model != model_name(lm.model_id):
+        raise ValueError(f"SAE run {cfg.sae.run_id} was trained on {cfg.sae.model!r}, not on "
+                         f"{model_name(lm.model_id)!r}; give --model {cfg.sae.model} or another --sae")
+    return cfg.sae.n_features
+
+
 def _n_trackable(lm: LoadedModel, cfg: NeuronsConfig) -> int:
     """How many tokens' sums fit ``token_sums_mb``."""
-    return cfg.token_sums_mb * 2**20 // (lm.d_mlp * len(_layers(lm, cfg)) * 8)
+    return cfg.token_sums_mb * 2**20 // (_width(lm, cfg) * len(_layers(lm, cfg)) * 8)
 
 
 def prepare(lm: LoadedModel, cfg: NeuronsConfig, first_shard: Sequences) -> NeuronsConfig:
@@ -241,7 +268,7 @@ class NeuronsAccumulator:
         self.cfg = cfg
         self.layers = _layers(lm, cfg)
         self.needs = Needs(mlp_layers=frozenset(self.layers))
-        self.d = lm.d_mlp
+        self.d = _width(lm, cfg)
         if cfg.tracked_tokens is not None:
             self.tracked = np.unique(np.asarray(cfg.tracked_tokens, np.int64))
         elif lm.vocab_size <= _n_trackable(lm, cfg):
@@ -281,7 +308,14 @@ class NeuronsAccumulator:
             scan.torch_to_numpy(self._dev, self.state)
             self._dev = None
 
+    def _units(self, cap: Captured) -> dict[int, torch.Tensor]:
+        """Each layer's unit activations [batch, pos, units]: hook_post, or its SAE encoding."""
+        if self.cfg.sae is None:
+            return cap.mlp
+        return {l: self.cfg.sae.encode(cap.mlp[l]) for l in self.layers}
+
     def update(self, batch: Batch, cap: Captured) -> None:
+        acts = self._units(cap)
         lengths = np.asarray(batch.lengths, np.int64)
         first = int(batch.first)
         ids = batch.ids.cpu().numpy().astype(np.int64, copy=False)
@@ -294,7 +328,7 @@ class NeuronsAccumulator:
         if first > 0 and len(seq_idx) and seq_idx.min() < self.bos_seq:  # BOS: stored, never scored
             row = int(np.argmin(seq_idx))
             self.bos_seq = int(seq_idx[row])
-            self.bos = {l: cap.mlp[l][row, 0].detach().to("cpu", torch.float32).numpy().copy() for l in self.layers}
+            self.bos = {l: acts[l][row, 0].detach().to("cpu", torch.float32).numpy().copy() for l in self.layers}
         if len(r) == 0:
             return
         key = np.asarray(batch.keys, np.int64)[r] + p
@@ -306,12 +340,12 @@ class NeuronsAccumulator:
             hash=scan.to_signed(scan.sample_hash(key, self.cfg.seed)), loc=(seq_idx[r] << scan.LOC_BITS) | p, tt=tt,
         )
         if self.backend == "torch":
-            self._update_torch(cap, tok_batch)
+            self._update_torch(acts, tok_batch)
         else:
-            self._update_numba(cap, tok_batch)
+            self._update_numba(acts, tok_batch)
         self.n += len(r)
 
-    def _update_numba(self, cap: Captured, tb: "_TokenBatch") -> None:
+    def _update_numba(self, acts: dict[int, torch.Tensor], tb: "_TokenBatch") -> None:
         self._sync()
         _compiling([scan.update_block], "preparing the update kernel")
         cb, ca = self.cfg.ctx_before, self.cfg.ctx_after
@@ -324,7 +358,7 @@ class NeuronsAccumulator:
         tasks = []
         width = max(1, -(-self.d // self.threads))
         for layer in self.layers:
-            A = cap.mlp[layer].detach().to("cpu", torch.float32).contiguous().numpy()
+            A = acts[layer].detach().to("cpu", torch.float32).contiguous().numpy()
             st = self.state[layer]
             for i0 in range(0, self.d, width):
                 tasks.append((A, st, i0, min(self.d, i0 + width)))
@@ -343,11 +377,11 @@ class NeuronsAccumulator:
         if any(status):
             raise ValueError("the model produced a non-finite neuron activation")
 
-    def _update_torch(self, cap: Captured, tb: "_TokenBatch") -> None:
+    def _update_torch(self, acts: dict[int, torch.Tensor], tb: "_TokenBatch") -> None:
         if self._dev is None:
-            self._dev = scan.torch_from_numpy(self.state, cap.mlp[self.layers[0]].device)
+            self._dev = scan.torch_from_numpy(self.state, acts[self.layers[0]].device)
         for layer in self.layers:
-            scan.torch_update(self._dev[layer], self.state[layer], cap.mlp[layer].detach(), tb.r, tb.p, tb.key, tb.hash,
+            scan.torch_update(self._dev[layer], self.state[layer], acts[layer].detach(), tb.r, tb.p, tb.key, tb.hash,
                               tb.loc, tb.tt, tb.seq_idx, tb.lengths, self.n, self.m_cand, self.cfg.ctx_before,
                               self.cfg.ctx_after)
 
@@ -424,6 +458,8 @@ class NeuronsAccumulator:
             tt, tt_mean = scan.top_tokens(st.tsum, self.tcount, cfg.min_token_count, n_top)
             found = tt >= 0
             effects = lm.neuron_logit_effects(layer).float().cpu()
+            if cfg.sae is not None:
+                effects = cfg.sae.logit_effects(effects)
             nl = min(cfg.n_logit_tokens, effects.shape[1])
             top_v, top_i = torch.topk(effects, nl, dim=1)
             bot_v, bot_i = torch.topk(-effects, nl, dim=1)

@@ -8,8 +8,10 @@ import numpy as np
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, UniqueConstraint, insert, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from ...sae import tables as _sae_tables  # noqa: F401 - the ``saes`` table, which ``sae_id`` points to
 from ...store.base import Base, from_blob, to_blob
-from ...store.queries import NotFound, RunInfo, Token, get_model, latest_run, sequence_stories, sequence_tokens, vocab
+from ...store.queries import (NotFound, RunInfo, Token, get_model, latest_run, list_runs, sequence_stories, sequence_tokens,
+                               vocab)
 
 # A spectrum sample: where in the corpus, the activation there, its histogram bar, its context
 # (``ctx[:n_ctx]``: up to 12 tokens before and 3 after, clipped to the sequence, BOS included; the
@@ -20,6 +22,12 @@ CTX_WIDTH = 16
 SAMPLE_DTYPE = np.dtype([("seq", "<i4"), ("pos", "<i4"), ("act", "<f4"), ("bin", "<i2"), ("at", "<i2"),
                          ("n_ctx", "<i2"), ("ctx", "<i4", (CTX_WIDTH,)), ("hash", "<i8")])
 TOP, BOTTOM = 1, -1  # NeuronExampleRow.side
+UNITS = {"neuron": "MLP neuron (hook_post)", "feature": "feature of a sparse autoencoder on a layer's hook_post"}
+
+
+def _sae_column():
+    """Which unit a row is about: NULL for an MLP neuron, else the ``saes`` row whose feature it is."""
+    return mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), nullable=True, default=None)
 
 
 class NeuronStatsRow(Base):
@@ -28,7 +36,8 @@ class NeuronStatsRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     layer: Mapped[int] = mapped_column(Integer, index=True)
-    neuron: Mapped[int] = mapped_column(Integer)
+    neuron: Mapped[int] = mapped_column(Integer)  # the unit's index: neuron, or feature of ``sae_id``
+    sae_id: Mapped[int | None] = _sae_column()
     mean: Mapped[float] = mapped_column(Float)
     std: Mapped[float] = mapped_column(Float)
     max: Mapped[float] = mapped_column(Float)
@@ -52,6 +61,7 @@ class NeuronExampleRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     layer: Mapped[int] = mapped_column(Integer)
     neuron: Mapped[int] = mapped_column(Integer)
+    sae_id: Mapped[int | None] = _sae_column()
     side: Mapped[int] = mapped_column(Integer)  # TOP (highest first) or BOTTOM (lowest first)
     rank: Mapped[int] = mapped_column(Integer)
     seq_idx: Mapped[int] = mapped_column(Integer)
@@ -69,6 +79,7 @@ def write_neurons(s: Session, run_id: int, result) -> None:
     """All rows of a neuron-job result, in the caller's transaction."""
     stats, examples = [], []
     counts = result.token_counts
+    sae_id = None if result.config.sae is None else result.config.sae.sae_id
 
     def effects(ids, values):
         return [[int(t), _r(v), int(counts[t]) if counts is not None and t < len(counts) else -1]
@@ -83,7 +94,7 @@ def write_neurons(s: Session, run_id: int, result) -> None:
             ]
             stats.append(
                 dict(
-                    run_id=run_id, layer=L.layer, neuron=n, mean=float(L.mean[n]), std=float(L.std[n]),
+                    run_id=run_id, layer=L.layer, neuron=n, sae_id=sae_id, mean=float(L.mean[n]), std=float(L.std[n]),
                     max=float(L.max[n]), min=float(L.min[n]), frac_pos=float(L.frac_pos[n]),
                     bos_act=None if np.isnan(L.bos[n]) else float(L.bos[n]),
                     hist=to_blob(L.hist[n].astype("<i8")), hist_edges=to_blob(L.hist_edges[n].astype("<f8")),
@@ -98,7 +109,7 @@ def write_neurons(s: Session, run_id: int, result) -> None:
                 for rank, e in enumerate(range(ex.offsets[n], ex.offsets[n + 1])):
                     examples.append(
                         dict(
-                            run_id=run_id, layer=L.layer, neuron=n, side=side, rank=rank, seq_idx=int(ex.seq[e]),
+                            run_id=run_id, layer=L.layer, neuron=n, sae_id=sae_id, side=side, rank=rank, seq_idx=int(ex.seq[e]),
                             pos=int(ex.pos[e]), act=float(ex.act[e]), win_start=int(ex.win_start[e]),
                             acts=to_blob(ex.win[e, : ex.win_len[e]].astype(np.float32)),
                         )
@@ -196,6 +207,8 @@ class NeuronPage:
     bos_act: float | None = None  # the activation on BOS (never scored); None: no BOS
     logit_top_seen: tuple[TokenScore, ...] = ()  # among tokens seen in the corpus
     logit_bottom_seen: tuple[TokenScore, ...] = ()
+    unit: str = "neuron"  # or "feature" (of the SAE in ``run.params["sae"]``)
+    n_units: int = 0  # units of this layer: d_mlp, or the SAE's features
 
     @property
     def bos_above_max(self) -> bool:
@@ -220,11 +233,49 @@ def _token(tid: int, voc: list[str], special: set[int]) -> Token:
     return Token(tid, text, tid in special)
 
 
+def feature_runs(s: Session, model: str) -> dict[int, RunInfo]:
+    """Layer -> the newest complete feature run (job ``features``) of an SAE of that layer."""
+    out: dict[int, RunInfo] = {}
+    for r in list_runs(s, model, "features"):  # newest first
+        out.setdefault(int((r.params.get("sae") or {}).get("layer", -1)), r)
+    return out
+
+
+def unit_run(s: Session, model: str, layer: int, unit: str = "neuron", run_id: int | None = None) -> RunInfo:
+    """The run whose rows hold a layer's units: the newest neuron run, or the newest feature run of
+    an SAE of that layer (or run ``run_id``, checked to match). One-line ``NotFound`` otherwise."""
+    if unit not in UNITS:
+        raise NotFound(f"unit {unit!r} is not one of {', '.join(UNITS)}")
+    info = get_model(s, model)
+    if not 0 <= int(layer) < info.n_layers:
+        raise NotFound(f"layer {layer} out of range: {info.name} has layers 0-{info.n_layers - 1}")
+    if unit == "neuron":
+        return latest_run(s, model, "neurons", run_id)
+    runs = [r for r in list_runs(s, model, "features") if (r.params.get("sae") or {}).get("layer") == int(layer)]
+    for r in runs:
+        if run_id is None or r.id == run_id:
+            return r
+    if run_id is not None:
+        raise NotFound(f"run {run_id} is not a complete feature run of layer {layer} of {model!r}")
+    raise NotFound(f"no SAE feature run for layer {layer} of {model!r}; train an SAE with `precompute train-sae "
+                   f"--layer {layer} ...`, then `precompute run --jobs features --sae RUN`")
+
+
+def n_units(run: RunInfo, info) -> int:
+    """Units per layer of a run: the model's d_mlp, or its SAE's features."""
+    sae = run.params.get("sae")
+    return int(sae["n_features"]) if sae else int(info.d_mlp)
+
+
 def _stats_row(s: Session, run: RunInfo, layer: int, neuron: int, model) -> NeuronStatsRow:
     if not 0 <= layer < model.n_layers:
         raise NotFound(f"layer {layer} out of range: {model.name} has layers 0-{model.n_layers - 1}")
-    if not 0 <= neuron < model.d_mlp:
-        raise NotFound(f"neuron {neuron} out of range: layer {layer} has neurons 0-{model.d_mlp - 1}")
+    n = n_units(run, model)
+    if run.params.get("sae") and not 0 <= neuron < n:
+        raise NotFound(f"feature {neuron} out of range: the SAE of layer {layer} (run {run.params['sae']['run']}) "
+                       f"has features 0-{n - 1}")
+    if not 0 <= neuron < n:
+        raise NotFound(f"neuron {neuron} out of range: layer {layer} has neurons 0-{n - 1}")
     row = s.scalar(
         select(NeuronStatsRow).where(
             NeuronStatsRow.run_id == run.id, NeuronStatsRow.layer == layer, NeuronStatsRow.neuron == neuron
@@ -235,10 +286,12 @@ def _stats_row(s: Session, run: RunInfo, layer: int, neuron: int, model) -> Neur
     return row
 
 
-def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | None = None) -> NeuronPage:
-    """Everything the neuron page shows, from the newest complete neuron run of ``model``."""
+def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | None = None,
+                unit: str = "neuron") -> NeuronPage:
+    """Everything the neuron page shows, from the newest complete neuron run of ``model`` (``unit``
+    "feature": the newest feature run of the layer's SAE; ``neuron`` is then the feature's index)."""
     info = get_model(s, model)
-    run = latest_run(s, model, "neurons", run_id)
+    run = unit_run(s, model, int(layer), unit, run_id)
     row = _stats_row(s, run, int(layer), int(neuron), info)
     voc = vocab(s, model)
     special = set(info.special_ids)
@@ -301,6 +354,8 @@ def neuron_page(s: Session, model: str, layer: int, neuron: int, run_id: int | N
         logit_bottom=effects(row.logit_bottom),
         logit_top_seen=effects(row.logit_top_seen),
         logit_bottom_seen=effects(row.logit_bottom_seen),
+        unit=unit,
+        n_units=n_units(run, info),
     )
 
 
@@ -329,12 +384,16 @@ def quantile_bands(edges, counts, s_bin, s_hash, spectrum, vmax: float, n_bands:
     return tuple(out)
 
 
-def layer_neurons(s: Session, model: str, layer: int | None = None, run_id: int | None = None) -> list[NeuronSummary]:
-    """One summary row per neuron (all layers, or one), for the overview table and chart."""
+def layer_neurons(s: Session, model: str, layer: int | None = None, run_id: int | None = None,
+                  unit: str = "neuron") -> list[NeuronSummary]:
+    """One summary row per neuron (all layers, or one), for the overview table and chart; ``unit``
+    "feature": the features of ``layer``'s SAE (its newest feature run)."""
     info = get_model(s, model)
-    run = latest_run(s, model, "neurons", run_id)
     if layer is not None and not 0 <= layer < info.n_layers:
         raise NotFound(f"layer {layer} out of range: {model} has layers 0-{info.n_layers - 1}")
+    if unit != "neuron" and layer is None:
+        raise NotFound("features are listed one layer at a time")
+    run = latest_run(s, model, "neurons", run_id) if unit == "neuron" else unit_run(s, model, layer, unit, run_id)
     voc = vocab(s, model)
     q = select(
         NeuronStatsRow.layer, NeuronStatsRow.neuron, NeuronStatsRow.max, NeuronStatsRow.mean, NeuronStatsRow.std,
@@ -393,6 +452,8 @@ def _add_show_neuron(p) -> None:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--neuron", type=int, required=True)
     p.add_argument("--run", type=int, default=None)
+    p.add_argument("--unit", default="neuron", choices=list(UNITS),
+                   help="feature: --neuron is a feature of the layer's SAE (its newest feature run)")
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--json", action="store_true", help="print JSON (the only format)")
 
@@ -401,7 +462,7 @@ def _show_neuron(args, store) -> int:
     from ...output import print_json
 
     with store.session() as s:
-        print_json(neuron_page(s, args.model, args.layer, args.neuron, args.run))
+        print_json(neuron_page(s, args.model, args.layer, args.neuron, args.run, args.unit))
     return 0
 
 
