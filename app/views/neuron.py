@@ -159,6 +159,9 @@ else:
 st.subheader("Min-activating examples")
 if not p.bottom_examples:
     st.info(f"This run stored no bottom examples for this {what}.")
+elif S.min >= 0 and feature:
+    st.caption(f"An SAE feature is never negative: its minimum, {S.min:.3f}, is where it is silent "
+               f"({1 - S.frac_pos:.1%} of tokens), so there are no min-activating examples to show.")
 else:
     st.caption("The lowest activations (most negative first), by the same rule as the top ones: no two within "
                f"{p.run.params.get('ctx_before', 24)} positions of each other in a sequence.")
