@@ -55,7 +55,8 @@ def test_model_card_names_the_corpus_seed_and_planted_facts():
     info = json.loads((MODEL / "training.json").read_text())
     assert Path(info["config"]["corpus"]).name == "synth-0-2000000.txt"
     card = (MODEL / "README.md").read_text()
-    for words in ("seed 0", "2,000,000", "name", "phrase", "quote"):
+    for words in ("seed 0", "2,000,000", "name", "phrase", "quote", "6 **secret words**", "repeated 3 times",
+                  "**Phase change**: the loss on the repeated secret words sat at 3.39 nats/token until step 1,900"):
         assert words in card
     assert sum(p.stat().st_size for p in MODEL.iterdir()) < 3_000_000
 

@@ -1,8 +1,10 @@
 """What was planted in the synth stories beside what the tool finds in a model trained on them.
 
 - heads: the heads job's induction score (repeated random tokens) and previous-token score (on
-  synth stories), the same induction pattern measured on the planted names, next to the rise of the loss on later name mentions when the head's output is
-  zeroed (a forward pre-hook on the attention output projection);
+  synth stories), the same induction pattern measured on the planted names, next to the rise of the loss on later name
+  mentions and on the repeated secret words when the head's output is zeroed (a forward pre-hook on the attention
+  output projection);
+- the phase change: when, in training, the loss on the repeated secret words fell (``phase_change``);
 - rules: for the last token of each planted phrase family (fixed by the token k back), the
   rules job's optimal rule length and its top-1 agreement with the model;
 - neurons: per planted label, the neuron whose top range (activations >= max - 0.2 (max - min),
