@@ -362,8 +362,8 @@ def _synth_section(cfg: TrainConfig, r: TrainResult) -> str:
     """The planted facts and the loss on each planted label during training (``--synth-probe``)."""
     if cfg.synth_probe is None:
         return ""
-    from .synth.facts import synth_spec
-    from .synth.grammar import N_NAMES, PHRASES
+    from .synth.facts import phase_change, synth_spec
+    from .synth.grammar import N_NAMES, N_SECRET, PHRASES, SECRET_REPEATS
 
     try:
         seed, tokens = synth_spec(cfg.corpus)
@@ -372,9 +372,11 @@ def _synth_section(cfg: TrainConfig, r: TrainResult) -> str:
         corpus = f"`{cfg.corpus}`"
     cols = ("all", "name_first", "name_later", "pronoun", "quote", "phrase_end_k2", "phrase_end_k4", "phrase_end_k6",
             "secret_later")
+    pc = phase_change(r.history)
+    around = range(pc.start - 500, pc.end + 501) if pc is not None else range(0)
     rows = "\n".join(f"| {h['step']} | " + " | ".join(f"{h['probe'].get(c, float('nan')):.3f}" for c in cols) + " |"
-                      for h in r.history if "probe" in h and (h["step"] <= 1500 or h["step"] % 500 == 0
-                                                              or h is r.history[-1]))
+                      for h in r.history if "probe" in h and (h["step"] <= 1000 or h["step"] % 500 == 0
+                                                              or h["step"] in around or h is r.history[-1]))
     phrases = "; ".join(f"k = {k}: " + ", ".join(" ".join(p) for p in fam) for k, fam in PHRASES.items())
     return f"""
 ## Planted structure
@@ -389,12 +391,29 @@ byte for byte, so it needs no download). Planted in every story:
   before it ({phrases});
 - **pronouns** she/her or he/his that follow the gender given in the first sentence;
 - **quotes** `said, "..."` that open and close;
-- five **secret words** told once and repeated at the end (a copied arbitrary sequence).
+- {N_SECRET} **secret words** (made-up words drawn like the names) told once and repeated {SECRET_REPEATS} times at the
+  end, each repeat starting from a random one of them and wrapping round: after a repeat's first word only
+  copying the word that followed it before predicts the next (induction); counting from the start does not.
+
+{_phase_note(pc, cfg)}
 
 Loss (nats/token) on the tokens of each planted label, 256 held-out stories of seed {cfg.synth_probe}
-(every 100 steps up to 1,500, then every 500; all of them in training.json):
+(every 100 steps up to 1,000 and from 500 steps before the phase change to 500 after it, else every 500; all of
+them in training.json):
 
 | step | {" | ".join(cols)} |
 |---|{"---|" * len(cols)}
 {rows}
 """
+
+
+def _phase_note(pc, cfg: TrainConfig) -> str:
+    """One line on the phase change of the loss on the repeated secret words, if there was one."""
+    if pc is None or not pc.formed:
+        return ("The loss on the repeated secret words never fell to half its level: no copying of arbitrary\n"
+                "sequences (induction) formed.\n")
+    tokens = cfg.batch_size * cfg.n_ctx
+    return (f"**Phase change**: the loss on the repeated secret words sat at {pc.before:.2f} nats/token until step "
+            f"{pc.start:,} ({pc.start * tokens / 1e6:.1f}M tokens),\nthen fell to {pc.after:.2f} by step {pc.end:,} "
+            f"({pc.end * tokens / 1e6:.1f}M tokens; steepest in the {cfg.eval_every} steps up to {pc.steepest:,}); "
+            f"{pc.final:.3f} at the end.\n")

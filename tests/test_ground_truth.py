@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 
 from precompute.models import load_model
 from precompute.synth import PHRASES
-from precompute.synth.facts import eval_stories, ground_truth, training_corpus
+from precompute.synth.facts import eval_stories, ground_truth, phase_change, training_corpus
+from precompute.synth.grammar import NAMES
 from precompute.synth.labels import batch_of, token_losses
 
 MODEL = Path(__file__).resolve().parents[1] / "data/models/synth-2l"
@@ -53,22 +55,37 @@ def test_model_card_names_the_corpus_seed_and_planted_facts():
     info = json.loads((MODEL / "training.json").read_text())
     assert Path(info["config"]["corpus"]).name == "synth-0-2000000.txt"
     card = (MODEL / "README.md").read_text()
-    for words in ("seed 0", "2,000,000", "name", "phrase", "quote"):
+    for words in ("seed 0", "2,000,000", "name", "phrase", "quote", "6 **secret words**", "repeated 3 times",
+                  "**Phase change**: the loss on the repeated secret words sat at 3.39 nats/token until step 1,900"):
         assert words in card
     assert sum(p.stat().st_size for p in MODEL.iterdir()) < 3_000_000
 
 
-def test_loss_on_later_names_drops_in_training():
+IND, PREV = (1, 0), (0, 3)  # the copying head and the previous-token head before it, measured
+
+
+def test_loss_on_later_names_and_secret_words_drops_in_a_phase_change():
     hist = [h for h in json.loads((MODEL / "training.json").read_text())["result"]["history"] if "probe" in h]
+    by_step = {h["step"]: h["probe"] for h in hist}
     names = [h["probe"]["name_later"] for h in hist]
     first = [h["probe"]["name_first"] for h in hist]
     assert names[0] > 5 and names[-1] < 0.1 * names[0]  # copying formed
     assert first[-1] > 3.5  # a first mention stays unpredictable: 19,595 names
+    # a plateau, then a sudden drop: in the 200 steps to 2,100 the loss on the repeated secret words
+    # falls by more than it did in the 1,800 steps before, and so does the loss on later names
+    pc = phase_change(hist)
+    assert pc.formed and pc.steepest == 2100 and pc.start == 1900
+    secret = {s: by_step[s]["secret_later"] for s in (100, 1900, 2100)}
+    assert secret[1900] - secret[2100] > 1.5 > secret[100] - secret[1900]
+    assert by_step[1900]["name_later"] - by_step[2100]["name_later"] > 1.2
+    assert pc.final < 0.5 and pc.before > 3.3
 
 
-def test_no_induction_head_formed_by_a_plain_computation(lm, gt):
-    """In 6,000 steps no head copies arbitrary repeated tokens: the tool's score and a plain
-    computation on other random tokens both stay near 0 (the hand-set circuit below scores > 0.99)."""
+def test_the_induction_score_misses_the_copying_head_by_a_plain_computation(lm, gt):
+    """The copying head attends to the token after the earlier copy inside stories (below), yet on
+    repeated random tokens no head does: the tool's score and a plain computation on other random
+    tokens stay under 0.05 (the hand-set circuit below scores > 0.99). On repeated lists of made-up
+    words alone (no story around them) the copying head is the one that attends there most."""
     gen = torch.Generator().manual_seed(123)  # not the job's seed
     half = 40
     rows = [torch.randperm(lm.vocab_size - 1, generator=gen)[:half] + 1 for _ in range(8)]  # id 0 is BOS
@@ -78,7 +95,15 @@ def test_no_induction_head_formed_by_a_plain_computation(lm, gt):
     plain = {(l, h): float(a[:, h, q, q - half + 1].mean()) for l, a in enumerate(att) for h in range(a.shape[1])}
     assert max(plain.values()) < 0.05
     assert max(h.induction for h in gt.heads) < 0.05
-    assert gt.label_loss["secret_later"] > 3.5  # the secret words are not copied (log 40 = 3.69)
+    assert gt.label_loss["secret_later"] < 0.6  # yet the repeated secret words are copied
+    rng = random.Random(5)
+    half = 24
+    rows = [lm.tokenizer(" " + " ".join(rng.sample(NAMES, 12)))["input_ids"][:half] for _ in range(16)]
+    ids = torch.tensor([[lm.bos_id] + r + r for r in rows])
+    att = _attentions(lm, ids)
+    q = torch.arange(1 + half, 1 + 2 * half)
+    names = {(l, h): float(a[:, h, q, q - half + 1].mean()) for l, a in enumerate(att) for h in range(a.shape[1])}
+    assert max(names, key=names.get) == IND and names[IND] > 0.1
 
 
 def test_previous_token_scores_match_a_plain_computation(lm, gt, batch):
@@ -89,11 +114,12 @@ def test_previous_token_scores_match_a_plain_computation(lm, gt, batch):
             a = att[l][:, h]
             w = [float(a[r, p, p - 1]) for r in range(len(ids)) for p in range(1, len(ids[0])) if real[r, p]]
             assert float(np.mean(w)) == pytest.approx(gt.head(l, h).prev_token, abs=1e-4)
-    assert max(h.prev_token for h in gt.heads) < 0.2  # no previous-token head formed either
+    assert gt.previous_token_head(IND[0]) == gt.head(*PREV) and gt.head(*PREV).prev_token > 0.65
+    assert sorted(h.prev_token for h in gt.heads)[-2] < 0.15  # one previous-token head, in layer 0
 
 
-def test_the_name_copying_head_shows_induction_on_names_only(lm, gt, batch):
-    """On the planted names (not on random tokens) L1H2 attends to the token after the earlier copy."""
+def test_the_copying_head_shows_induction_on_names(lm, gt, batch):
+    """On the planted names L1H0 attends to the token after the earlier copy more than any head."""
     ids, real, masks = batch
     att = _attentions(lm, ids)
     plain = {}
@@ -109,18 +135,17 @@ def test_the_name_copying_head_shows_induction_on_names_only(lm, gt, batch):
                             w.append(float(att[l][r, h, q, earlier[0] + 1]))
             plain[(l, h)] = float(np.mean(w))
             assert plain[(l, h)] == pytest.approx(gt.head(l, h).name_induction, abs=1e-5)
-    assert max(plain, key=plain.get) == (1, 2) and plain[(1, 2)] > 0.3
-    assert gt.head(1, 2).induction < 0.05
+    assert max(plain, key=plain.get) == IND and plain[IND] > 0.3
 
 
-def test_zeroing_one_head_per_layer_removes_name_copying(lm, gt, batch):
-    """Names are copied by L1H2 with L0H3 before it: zeroing either costs > 3 nats/token on
-    later names, no other head > 0.1. Measured here by zeroing the head's value weights."""
+def test_zeroing_the_copying_head_costs_the_most(lm, gt, batch):
+    """Later names and the repeated secret words are copied by L1H0 with the previous-token head
+    L0H3 before it: zeroing either costs the most on both, L1H0 > 4 nats/token. Measured here by
+    zeroing the head's value weights."""
     ids, real, masks = batch
-    names = masks["name_later"] & real
-    base = token_losses(lm.model, ids)[names].mean()
+    base = token_losses(lm.model, ids)
     d_head = lm.d_model // lm.n_heads
-    rises = {}
+    rises = {"name_later": {}, "secret_later": {}}
     for l in range(lm.n_layers):
         for h in range(lm.n_heads):
             m = copy.deepcopy(lm.model)
@@ -128,12 +153,18 @@ def test_zeroing_one_head_per_layer_removes_name_copying(lm, gt, batch):
                 v = slice(2 * lm.d_model + h * d_head, 2 * lm.d_model + (h + 1) * d_head)
                 m.transformer.h[l].attn.c_attn.weight[:, v] = 0
                 m.transformer.h[l].attn.c_attn.bias[v] = 0
-            rises[(l, h)] = token_losses(m, ids)[names].mean() - base
-            assert rises[(l, h)] == pytest.approx(gt.head(l, h).name_loss_rise, abs=1e-4)
-    top = sorted(rises, key=rises.get, reverse=True)
-    assert top[:2] == [(1, 2), (0, 3)] and gt.most_harmful() == gt.head(1, 2)
-    assert rises[(1, 2)] > 3 and rises[(0, 3)] > 2 and rises[top[2]] < 0.1
-    assert base < 0.5
+            ab = token_losses(m, ids)
+            for label, r in rises.items():
+                sel = masks[label] & real
+                r[(l, h)] = ab[sel].mean() - base[sel].mean()
+            assert rises["name_later"][(l, h)] == pytest.approx(gt.head(l, h).name_loss_rise, abs=1e-4)
+            assert rises["secret_later"][(l, h)] == pytest.approx(gt.head(l, h).secret_loss_rise, abs=1e-4)
+    for label, r in rises.items():
+        top = sorted(r, key=r.get, reverse=True)
+        assert top[:2] == [IND, PREV], (label, top)
+        assert r[IND] > 4 and r[PREV] > 1.5
+    assert gt.most_harmful() == gt.most_harmful_secret() == gt.head(*IND)
+    assert base[masks["name_later"] & real].mean() < 0.5
 
 
 def test_optimal_rule_inside_phrases_has_the_planted_length(lm, gt, cache):

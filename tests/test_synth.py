@@ -14,7 +14,7 @@ import pytest
 
 from precompute.cli import main
 from precompute.synth import PHRASES, SynthConfig, generate
-from precompute.synth.grammar import N_NAMES, NAMES
+from precompute.synth.grammar import N_NAMES, N_SECRET, NAMES, SECRET_REPEATS
 
 
 def _digest(seed: int, tokens: int) -> str:
@@ -40,21 +40,34 @@ def test_labels_agree_with_the_text():
     assert repeated > 0.97 * len(stories)  # the subject is the name or a pronoun at random
     names = {s.name for s in stories}
     assert len(names) > 1800  # a large pool: nearly every story has its own name
+    offsets = defaultdict(int)
     for s in stories:
         spans = defaultdict(list)
         for a, b, label in s.spans:
             spans[label].append(s.text[a:b])
         assert spans["name_first"] == [s.name, s.friend]
         assert s.text.index(s.friend) < s.text.index(".", s.text.index(".") + 1)  # both in the first two sentences
-        # every later occurrence of either name as a word is labelled name_later
-        later = re.findall(rf"\b(?:{s.name}|{s.friend})\b", s.text)[2:]
+        # every later occurrence of either name as a word is labelled name_later (secret words are drawn
+        # from the same pool: a secret word spelled like a name is a secret word)
+        secret_at = {a for a, _b, label in s.spans if label.startswith("secret_")}
+        later = [m.group() for m in re.finditer(rf"\b(?:{s.name}|{s.friend})\b", s.text) if m.start() not in secret_at][2:]
         assert later == spans["name_later"]
         want = {"she", "her"} if s.gender == "girl" else {"he", "his"}
         assert set(spans["pronoun"]) <= want and set(re.findall(r"\b(she|he|her|his)\b", s.text)) <= want
         assert s.text.count('"') % 2 == 0  # every quote closes
         inside = re.findall(r'"([^"]*)"', s.text)
         assert " ".join(inside).split() == spans["quote"]
-        assert spans["secret_later"] == spans["secret_first"] and len(spans["secret_first"]) == 5
+        # the secret words: distinct made-up words, each repeat a rotation of the first telling
+        first, later = spans["secret_first"], spans["secret_later"]
+        assert len(first) == len(set(first)) == N_SECRET and set(first) <= set(NAMES)
+        assert len(later) == SECRET_REPEATS * N_SECRET
+        for i in range(SECRET_REPEATS):
+            rep = later[i * N_SECRET : (i + 1) * N_SECRET]
+            j = first.index(rep[0])
+            assert rep == first[j:] + first[:j]
+            offsets[j] += 1
+    # a repeat starts at each word of the list alike: copying, not counting from the start, continues it
+    assert sorted(offsets) == list(range(N_SECRET)) and min(offsets.values()) > 0.8 * max(offsets.values())
 
 
 def test_phrase_ends_need_exactly_k_words():

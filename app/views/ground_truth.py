@@ -59,47 +59,62 @@ st.markdown(f"""
 | fixed phrases ({", ".join(" ".join(p) for p in grammar.PHRASES[2])}, ...) | {sum(len(f) for f in grammar.PHRASES.values())} phrases in {len(grammar.PHRASES)} families | the last word is fixed by the word k = {", ".join(map(str, grammar.PHRASES))} back |
 | she/he, her/his | every sentence | the gender given in the first sentence |
 | quotes `"…"` | `said, "…"` | an opened quote must close |
-| {grammar.N_SECRET} secret words | told once, repeated at the end | copying an arbitrary sequence (induction) |
+| {grammar.N_SECRET} secret words (made-up, like the names) | told once, repeated {grammar.SECRET_REPEATS} times at the end, each repeat from a random one of them on | copying an arbitrary sequence (induction): the word that followed this one before |
 """)
 
 st.subheader("Training: loss on each planted label")
 rows = [dict(step=h["step"], label=CURVE_LABELS[k], loss=v) for h in gt.curve for k, v in h.get("probe", {}).items()
         if k in CURVE_LABELS]
+pc = gt.phase_change()
+formed = pc is not None and pc.formed
 if rows:
-    st.altair_chart(
-        alt.Chart(pd.DataFrame(rows)).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
-            x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="loss (nats/token)"),
-            color=alt.Color("label:N", title=None, legend=alt.Legend(orient="right", labelLimit=300)),
-            tooltip=["step", "label", alt.Tooltip("loss:Q", format=".3f")],
-        ).properties(height=320),
-        use_container_width=True,
+    chart = alt.Chart(pd.DataFrame(rows)).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        x=alt.X("step:Q", title="training step"), y=alt.Y("loss:Q", title="loss (nats/token)"),
+        color=alt.Color("label:N", title=None, legend=alt.Legend(orient="right", labelLimit=300)),
+        tooltip=["step", "label", alt.Tooltip("loss:Q", format=".3f")],
     )
-    st.caption("Loss on 256 held-out stories of seed 1, logged during training. The loss on later name mentions falls "
-               "once a copying mechanism forms; the phrase ends are learnt first.")
+    if formed:
+        band = pd.DataFrame([dict(start=pc.start, end=pc.end)])
+        chart = alt.Chart(band).mark_rect(opacity=0.12, color="#d62728").encode(x="start:Q", x2="end:Q") + chart
+    st.altair_chart(chart.properties(height=320), use_container_width=True)
+    tokens = cfg["batch_size"] * cfg["n_ctx"]
+    st.caption(f"Loss on 256 held-out stories of seed {cfg.get('synth_probe')}, logged during training. The phrase ends are "
+               "learnt first; the repeated secret words and later name mentions fall once a copying mechanism forms"
+               + (f". **Phase change** (shaded): the loss on the repeated secret words sat at {pc.before:.2f} nats/token "
+                  f"until step {pc.start:,} ({pc.start * tokens / 1e6:.1f}M tokens) and fell to {pc.after:.2f} by step "
+                  f"{pc.end:,} ({pc.end * tokens / 1e6:.1f}M tokens); {pc.final:.3f} at the end." if formed else
+                  ": on the repeated secret words it never did."))
 else:
     st.info("This model's training.json has no per-label losses (train with `--synth-probe SEED`).")
 
 st.subheader("Heads: copying names")
-ind, harm = gt.induction_head(), gt.most_harmful()
-prev = max((h for h in gt.heads if h.layer < max(ind.layer, harm.layer)), key=lambda h: h.prev_token, default=None)
+ind, harm, harm_secret = gt.induction_head(), gt.most_harmful(), gt.most_harmful_secret()
+prev = gt.previous_token_head(max(ind.layer, harm.layer))
 lines = []
 if ind.induction >= FORMED:
-    lines.append(f"- Induction head: **L{ind.layer}H{ind.head}** (induction score {ind.induction:.2f}); zeroing it raises the "
-                 f"loss on later name mentions by {ind.name_loss_rise:.2f} nats/token"
-                 + (" (the most of any head)." if harm == ind else "."))
+    lines.append(f"- Induction head: **L{ind.layer}H{ind.head}** (induction score {ind.induction:.2f} on repeated random tokens; "
+                 f"on the planted names it attends {ind.name_induction:.2f} of the time to the token after the earlier copy). "
+                 f"Zeroing it raises the loss on the repeated secret words by {ind.secret_loss_rise:.2f} nats/token"
+                 + (" (the most of any head)" if harm_secret == ind else "")
+                 + f" and on later name mentions by {ind.name_loss_rise:.2f}" + (" (the most of any head)." if harm == ind else "."))
 else:
-    lines.append(f"- **No induction head formed**: the highest induction score is L{ind.layer}H{ind.head} ({ind.induction:.2f}; "
-                 "a hand-set previous-token + induction model scores above 0.99, see tests/test_ground_truth.py).")
+    lines.append(f"- The induction score (repeated random tokens) flags **no head**: the highest is L{ind.layer}H{ind.head} "
+                 f"({ind.induction:.2f}; a hand-set previous-token + induction model scores above 0.99, see tests/test_ground_truth.py).")
 if harm != ind or ind.induction < FORMED:
-    lines.append(f"- Later names are copied by **L{harm.layer}H{harm.head}**: zeroing it raises the loss on later name mentions "
-                 f"by {harm.name_loss_rise:.2f} nats/token, the most of any head. Its induction score "
-                 f"({harm.induction:.2f}, on repeated random tokens) does not flag it, though on the names it attends "
-                 f"{harm.name_induction:.2f} of the time to the token after the earlier copy: it copies names, not arbitrary tokens "
-                 f"(the repeated secret words stay at {gt.label_loss.get('secret_later', float('nan')):.2f} nats/token, "
-                 f"about log {len(grammar._SECRET)}: not copied).")
+    copied = "later names and the repeated secret words are" if harm_secret == harm and formed else "later names are"
+    lines.append(f"- {'Yet ' + copied if formed else copied.capitalize()} copied by **L{harm.layer}H{harm.head}**: zeroing it raises "
+                 f"the loss on later name mentions by {harm.name_loss_rise:.2f} nats/token"
+                 + (f" and on the repeated secret words by {harm.secret_loss_rise:.2f}" if harm_secret == harm and formed else "")
+                 + f", the most of any head. On the names it attends {harm.name_induction:.2f} of the time to the token after "
+                 f"the earlier copy (the induction pattern), but its score on repeated random tokens is {harm.induction:.2f}: "
+                 "it copies the made-up words of the stories, not arbitrary tokens"
+                 + (f" (the repeated secret words stay at {gt.label_loss.get('secret_later', float('nan')):.2f} nats/token: not copied)."
+                    if not formed else "."))
 if prev is not None:
     lines.append(f"- Previous-token head in an earlier layer: **L{prev.layer}H{prev.head}** ({prev.prev_token:.2f} of its attention "
-                 "on the previous token)" + ("." if prev.prev_token >= FORMED else ": too weak to count as one, **none formed**."))
+                 "on the previous token" + (f"; zeroing it raises the loss on the repeated secret words by {prev.secret_loss_rise:.2f}"
+                                             f" and on later names by {prev.name_loss_rise:.2f})." if prev.prev_token >= FORMED else
+                                             "): too weak to count as one, **none formed**."))
 st.markdown("\n".join(lines))
 hf = pd.DataFrame([dict(head=f"L{h.layer}H{h.head}", induction=h.induction, induction_on_names=h.name_induction,
                         previous_token=h.prev_token,

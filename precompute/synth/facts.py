@@ -1,8 +1,10 @@
 """What was planted in the synth stories beside what the tool finds in a model trained on them.
 
 - heads: the heads job's induction score (repeated random tokens) and previous-token score (on
-  synth stories), the same induction pattern measured on the planted names, next to the rise of the loss on later name mentions when the head's output is
-  zeroed (a forward pre-hook on the attention output projection);
+  synth stories), the same induction pattern measured on the planted names, next to the rise of the loss on later name
+  mentions and on the repeated secret words when the head's output is zeroed (a forward pre-hook on the attention
+  output projection);
+- the phase change: when, in training, the loss on the repeated secret words fell (``phase_change``);
 - rules: for the last token of each planted phrase family (fixed by the token k back), the
   rules job's optimal rule length and its top-1 agreement with the model;
 - neurons: per planted label, the neuron whose top range (activations >= max - 0.2 (max - min),
@@ -63,6 +65,40 @@ class NeuronFact:
 
 
 @dataclass(frozen=True)
+class PhaseChange:
+    """The sudden drop of the loss on one planted label during training (training.json's
+    per-label probe). ``steepest``: the step ending the logged interval with the largest drop (the
+    first interval, from step 0, left out); ``before``: the highest loss in the 5 logged steps before
+    it; with ``total`` = before - final, ``start`` is the last step before ``steepest`` still at
+    final + 0.9 total or more and ``end`` the first from ``steepest`` on at final + 0.1 total or less."""
+
+    label: str
+    start: int
+    end: int
+    steepest: int
+    before: float  # the loss at ``start``
+    after: float  # the loss at ``end``
+    final: float
+
+    @property
+    def formed(self) -> bool:
+        """The drop more than halved the loss: a mechanism formed (not a drift)."""
+        return self.final <= 0.5 * self.before
+
+
+def phase_change(curve: list[dict], label: str = "secret_later") -> PhaseChange | None:
+    pts = [(h["step"], h["probe"][label]) for h in curve if h["step"] > 0 and label in h.get("probe", {})]
+    if len(pts) < 3:
+        return None
+    steep = max(range(1, len(pts)), key=lambda i: pts[i - 1][1] - pts[i][1])
+    final = pts[-1][1]
+    total = max(x for _, x in pts[max(0, steep - 5) : steep]) - final
+    start = max(i for i in range(max(0, steep - 5), steep) if pts[i][1] >= final + 0.9 * total)
+    end = next(i for i in range(steep, len(pts)) if pts[i][1] <= final + 0.1 * total)
+    return PhaseChange(label, pts[start][0], pts[end][0], pts[steep][0], pts[start][1], pts[end][1], final)
+
+
+@dataclass(frozen=True)
 class GroundTruth:
     model: str
     eval_seed: int
@@ -83,6 +119,16 @@ class GroundTruth:
 
     def most_harmful(self) -> HeadFact:
         return max(self.heads, key=lambda h: h.name_loss_rise)
+
+    def most_harmful_secret(self) -> HeadFact:
+        return max(self.heads, key=lambda h: h.secret_loss_rise)
+
+    def previous_token_head(self, before_layer: int) -> HeadFact | None:
+        """The head with the highest previous-token score in a layer before ``before_layer``."""
+        return max((h for h in self.heads if h.layer < before_layer), key=lambda h: h.prev_token, default=None)
+
+    def phase_change(self, label: str = "secret_later") -> PhaseChange | None:
+        return phase_change(self.curve, label)
 
 
 def eval_stories(seed: int, n: int) -> list[Story]:
@@ -249,4 +295,4 @@ def ground_truth(lm: LoadedModel, model_dir: str | Path, eval_seed: int = 1000, 
     )
 
 
-__all__ = ["ALL_LABELS", "GroundTruth", "HeadFact", "NeuronFact", "RuleFact", "ground_truth"]
+__all__ = ["ALL_LABELS", "GroundTruth", "HeadFact", "NeuronFact", "PhaseChange", "RuleFact", "ground_truth", "phase_change"]

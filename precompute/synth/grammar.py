@@ -69,7 +69,8 @@ NAMES = _names()
 N_NAMES = len(NAMES)
 
 
-N_SECRET = 5  # secret words, told once and repeated at the end
+N_SECRET = 6  # secret words (made-up words from NAMES), told once and repeated at the end
+SECRET_REPEATS = 3  # times the secret words are repeated at the end, each from a random word on (wrapping round)
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,9 @@ def _story(rng: random.Random) -> Story:
         b.word(w, *(("pronoun",) if w == poss else ()))
     b.word(friend, "name_first")
     b.punct(".")
-    secret = [rng.choice(_SECRET) for _ in range(N_SECRET)]
+    secret = rng.sample(NAMES, N_SECRET)
     said_secret = False
-    sentences = rng.randint(6, 10)
-    kinds = ["go", "see", "like", "phrase", "say", "play", "secret"] + [
-        rng.choice(["go", "see", "like", "phrase", "say", "play"]) for _ in range(sentences - 6)]
+    kinds = ["go", "see", "like", "phrase", "say", "play", "secret"]  # short stories: more of each is copying
     rng.shuffle(kinds)
     if "secret" in kinds:  # the secret is told in the first half and repeated at the end
         kinds.remove("secret")
@@ -197,13 +196,14 @@ def _story(rng: random.Random) -> Story:
                 b.word(w, "secret_first")
             said_secret = True
         b.punct(".")
-    if said_secret:
-        for w in ("at", "the", "end"):
+    for i in range(SECRET_REPEATS if said_secret else 0):
+        for w in ("at", "the", "end") if i == 0 else ("then",):
             b.word(w)
         subject()
-        for w in ("said", "the", "secret", "words"):
+        for w in ("said", "the", "secret", "words") + (("again",) if i else ()):
             b.word(w)
-        for w in secret:
+        j = rng.randrange(N_SECRET)  # where in the list the repeat starts: copying, not counting, continues it
+        for w in secret[j:] + secret[:j]:
             b.word(w, "secret_later")
         b.punct(".")
     return Story(text=b.text(), spans=b.spans, name=name, gender="girl" if girl else "boy", friend=friend)

@@ -29,10 +29,18 @@ def test_ground_truth_page_shows_planted_beside_found(app, facts):
     expect(page.get_by_text("Neurons: planted labels")).to_be_visible(timeout=240_000)
     at_least(page.locator(".vega-embed"), 2)  # the training curve and the heads chart
     ind, harm = facts.induction_head(), facts.most_harmful()
+    prev, pc = facts.previous_token_head(harm.layer), facts.phase_change()
+    assert harm == facts.most_harmful_secret() and prev.prev_token > 0.3 and pc.formed
     body = page.locator('[data-testid="stMainBlockContainer"]')
-    expect(body).to_contain_text(f"No induction head formed: the highest induction score is L{ind.layer}H{ind.head}")
-    expect(body).to_contain_text(f"Later names are copied by L{harm.layer}H{harm.head}: zeroing it raises the loss on "
-                                 f"later name mentions by {harm.name_loss_rise:.2f} nats/token")
+    expect(body).to_contain_text(f"Phase change (shaded): the loss on the repeated secret words sat at {pc.before:.2f} "
+                                 f"nats/token until step {pc.start:,}")
+    expect(body).to_contain_text(f"The induction score (repeated random tokens) flags no head: the highest is "
+                                 f"L{ind.layer}H{ind.head} ({ind.induction:.2f}")
+    expect(body).to_contain_text(f"Yet later names and the repeated secret words are copied by L{harm.layer}H{harm.head}: "
+                                 f"zeroing it raises the loss on later name mentions by {harm.name_loss_rise:.2f} nats/token "
+                                 f"and on the repeated secret words by {harm.secret_loss_rise:.2f}, the most of any head")
+    expect(body).to_contain_text(f"Previous-token head in an earlier layer: L{prev.layer}H{prev.head} "
+                                 f"({prev.prev_token:.2f} of its attention on the previous token")
     expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(3)  # heads, rules, neurons
     app.screenshot("ground_truth")
 
