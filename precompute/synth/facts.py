@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from ..models import LoadedModel
-from .grammar import PHRASES, Story, SynthConfig, generate, write_corpus
+from .grammar import GRAMMAR_VERSION, PHRASES, Story, SynthConfig, generate, write_corpus
 from .labels import ALL_LABELS, batch_of, label_losses, token_losses
 
 TOP_FRAC = 0.2  # the Neuron page's top range
 MIN_TOP = 20  # a neuron's top range must hold at least this many tokens to count
-CACHE = Path(__file__).resolve().parents[2] / "data" / "cache" / "synth"  # regenerated corpora (git-ignored)
+CACHE = Path(__file__).resolve().parents[2] / "data" / "cache" / "synth" / f"v{GRAMMAR_VERSION}"  # regenerated corpora (git-ignored)
 NEURON_LABELS = ("quote", "name_later", "pronoun", "phrase", "secret_later")
 
 

@@ -69,6 +69,10 @@ NAMES = _names()
 N_NAMES = len(NAMES)
 
 
+# bumped whenever the same seed would generate other text: cached corpora live in a folder per
+# version (``facts.CACHE``), so a change never reuses a stale file
+GRAMMAR_VERSION = 2
+
 N_SECRET = 6  # secret words (made-up words from NAMES), told once and repeated at the end
 SECRET_REPEATS = 3  # times the secret words are repeated at the end, each from a random word on (wrapping round)
 
