@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from app.hypothesis import Hypothesis, explained_share
+from test_neurons_job import _greedy_top  # the plain reference top-K, shared with the neuron tests
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "app" / "main.py")
@@ -79,19 +80,6 @@ def plain_features(lm260k, valid_corpus, sae_weights):
     return seqs, out
 
 
-def _greedy_top(acts, f, k, before, first):
-    cands = sorted(((float(z[p, f]), s, p) for s, (_, z) in enumerate(acts) for p in range(first, z.shape[0])),
-                   key=lambda c: -c[0])
-    kept = []
-    for v, s, p in cands:
-        if any(ks == s and abs(kp - p) <= before for _, ks, kp in kept):
-            continue
-        kept.append((v, s, p))
-        if len(kept) == k:
-            break
-    return kept
-
-
 def _page(url, feature, unit="feature"):
     from precompute.jobs.neurons.tables import neuron_page
     from precompute.store.db import open_store
@@ -140,7 +128,7 @@ def test_feature_activations_equal_plain_hooks_and_encoder(features_db, plain_fe
         assert page.n_units == N_FEATURES and page.unit == "feature"
         if allv.max() <= 0:
             continue
-        want = _greedy_top(acts, f, TOP_K, page.run.params["ctx_before"], first)
+        want = _greedy_top([z for _, z in acts], f, TOP_K, page.run.params["ctx_before"], first)
         got = page.examples
         assert len(got) == len(want)
         for e, (v, s, p) in zip(got, want):
