@@ -12,8 +12,9 @@ memory: ``precompute run --jobs neurons,heads,embeddings --max-tokens N`` on the
     each size in a fresh process, over a corpus made by repeating the shared training text
     (train-5511-lowercase.txt) in a new random order each time (``make_corpus``), so 10M tokens
     of real TinyStories text exist; peak RSS from the kernel (wait4).
-ray: the same run in one process and on a local Ray cluster of ``--workers`` workers
-    (one torch thread each), wall-clock throughput and whether the stored results are identical.
+ray: the same run in one process, on a local Ray cluster of ``--workers`` workers with a share of
+    the cores each (one torch thread on 2 cores), and with as many threads each as this process
+    (bit-identical results): wall-clock throughput, and which stored tables differ, if any.
 
 Run with nothing else on the machine: timings of shared cores are meaningless.
 """
@@ -98,10 +99,11 @@ def make_corpus(tokens: int, folder: Path) -> Path:
     return path
 
 
-def _run_cli(argv: list[str]) -> tuple[float, float, str]:
+def _run_cli(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """(seconds, peak RSS in MB, stderr) of one `precompute` process."""
     t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "precompute.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "precompute.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **(env or {})})
     err = p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -131,18 +133,27 @@ def ray_compare(args) -> None:
     corpus = make_corpus(args.tokens, folder)
     common = ["run", "--model", str(BUNDLED), "--corpus", str(corpus), "--jobs", args.jobs, "--max-tokens", str(args.tokens),
               "--separator", "newline", "--shard-tokens", str(args.shard_tokens)]
-    dbs = {}
-    print(f"\n{'how':>20s} {'seconds':>8s} {'tok/s':>8s}")
-    for how, extra in (("one process", []), (f"Ray, {args.workers} workers", ["--workers", str(args.workers)])):
-        db = folder / f"{how.split(',')[0].replace(' ', '-')}.db"
-        sec, _, _ = _run_cli(common + ["--db", f"sqlite:///{db}", *extra])
-        dbs[how] = db
-        print(f"{how:>20s} {sec:8.1f} {args.tokens / sec:8,.0f}", flush=True)
+    threads = torch.get_num_threads()
+    ray = ["--workers", str(args.workers)]
+    configs = (("one process", [], {}),
+               (f"Ray, {args.workers} workers", ray, {}),  # a share of the cores each (ray_sweep.worker_threads)
+               (f"Ray, {args.workers} x {threads} threads", ray, {"TINYSCOPE_WORKER_THREADS": str(threads)}))
     sys.path.insert(0, str(ROOT / "tests"))
     from test_runs import _contents
 
-    a, b = (_contents(f"sqlite:///{d}") for d in dbs.values())
-    print("identical results:", a == b)
+    print(f"\n{'how':>24s} {'seconds':>8s} {'tok/s':>8s} {'vs one':>7s}  results vs one process")
+    base = None
+    for i, (how, extra, env) in enumerate(configs):
+        db = folder / f"run{i}.db"
+        sec, _, _ = _run_cli(common + ["--db", f"sqlite:///{db}", *extra], env)
+        got = _contents(f"sqlite:///{db}")
+        if base is None:
+            base, base_sec, same = got, sec, ""
+        elif got == base:
+            same = "bit-identical"
+        else:
+            same = "differ: " + ", ".join(sorted(k for k in base if base[k] != got.get(k)))
+        print(f"{how:>24s} {sec:8.1f} {args.tokens / sec:8,.0f} {base_sec / sec:7.2f}  {same}", flush=True)
 
 
 def main() -> None:
