@@ -10,7 +10,7 @@ each request opens a new session over Streamlit's websocket, as a browser openin
 for either a neuron page with a live prompt ("test this neuron") or a lab page with a neuron
 ablation, with a prompt no request used before (no cache hits), and waits until the page's
 script has finished. From the page it reads the per-token activations or the clean/ablated
-log-probabilities table. When the time is up, every value read is compared with the same live
+probabilities table. When the time is up, every value read is compared with the same live
 function run alone in this process (the single-session baseline).
 
 Prints: requests, p50/p95/max latency, errors (target none), "busy" refusals, requests that saw
@@ -177,8 +177,8 @@ async def fetch(port: int, req: Request, timeout: float) -> Request:
                     if req.kind == "neuron" and "activation" in df.columns:
                         req.values = dict(ids=df["id"].tolist(), acts=df["activation"].tolist())
                     elif req.kind == "lab" and last_md.startswith("Clean top-") and not req.values:
-                        req.values = dict(tokens=df["token"].tolist(), clean=df["clean log p"].tolist(),
-                                          ablated=df["ablated log p"].tolist(), header=last_md)
+                        req.values = dict(tokens=df["token"].tolist(), clean=df["clean p"].tolist(),
+                                          ablated=df["ablated p"].tolist(), header=last_md)
 
     t0 = time.perf_counter()
     try:
@@ -253,8 +253,8 @@ def check(reqs: list[Request]) -> list[str]:
             ok = (
                 r.values["header"].startswith(f"Clean top-{LAB_TOP_K} next tokens at position {pos},")
                 and [repr(c.text) for c in want] == r.values["tokens"]
-                and np.allclose([c.clean_logprob for c in want], r.values["clean"], rtol=1e-5, atol=1e-5)
-                and np.allclose([c.ablated_logprob for c in want], r.values["ablated"], rtol=1e-5, atol=1e-5)
+                and np.allclose(np.exp([c.clean_logprob for c in want]), r.values["clean"], rtol=1e-5, atol=1e-7)
+                and np.allclose(np.exp([c.ablated_logprob for c in want]), r.values["ablated"], rtol=1e-5, atol=1e-7)
             )
         if not ok:
             bad.append(f"{r.kind} L{r.layer} N{r.neuron} {r.prompt[:40]!r}")
