@@ -11,6 +11,8 @@ from importlib import import_module
 from typing import Callable
 
 NAMES = ("neurons", "heads", "embeddings", "rules", "explanations", "features", "feature-explanations")
+# the jobs with tables of their own (features and feature-explanations use those of neurons and explanations)
+TABLES_OF = ("neurons", "heads", "embeddings", "rules", "explanations")
 
 
 def _loader(name: str) -> Callable:
@@ -22,10 +24,6 @@ JOBS: dict[str, Callable] = {name: _loader(name) for name in NAMES}
 
 def register_tables() -> None:
     """Import every job's tables so ``Base.metadata`` knows them (before creating a database)."""
-    for name in NAMES:
-        if name in TABLES_OF:
-            import_module(f"{__name__}.{name}.tables")
+    for name in TABLES_OF:
+        import_module(f"{__name__}.{name}.tables")
 
-
-# the jobs with tables of their own (features and feature-explanations use those of neurons and explanations)
-TABLES_OF = ("neurons", "heads", "embeddings", "rules", "explanations")

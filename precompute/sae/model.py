@@ -67,6 +67,12 @@ class FeatureUnits:
     def __repr__(self) -> str:
         return f"FeatureUnits(sae_id={self.sae_id}, run={self.run_id}, layer={self.layer}, n_features={self.n_features})"
 
+    def check_model(self, model: str, d_mlp: int | None = None) -> None:
+        """Refuse another model's SAE (by short name, and MLP width when given), in one line."""
+        if self.model != model or (d_mlp is not None and self.sae.d_in != d_mlp):
+            raise ValueError(f"SAE run {self.run_id} was trained on {self.model!r}, not on {model!r}; "
+                             f"give --model {self.model} or another --sae")
+
     def params(self) -> dict:
         return {"id": self.sae_id, "run": self.run_id, "layer": self.layer, "n_features": self.n_features, "k": self.sae.k}
 

@@ -25,10 +25,7 @@ def _config(args):
 
     with open_store(args.db, create=False).session() as s:
         units = feature_units(s, sae_run)
-    model = model_name(str(getattr(args, "model", None) or DEFAULT_MODEL))
-    if units.model != model:  # before any run row is made
-        raise ValueError(f"SAE run {sae_run} was trained on {units.model!r}, not on {model!r}; "
-                         f"give --model {units.model} or another --sae")
+    units.check_model(model_name(str(getattr(args, "model", None) or DEFAULT_MODEL)))  # before any run row is made
     return replace(_neurons_config(args), layers=None, sae=units)
 
 

@@ -210,9 +210,7 @@ def _width(lm: LoadedModel, cfg: NeuronsConfig) -> int:
 
     if cfg.sae is None:
         return lm.d_mlp
-    if cfg.sae.sae.d_in != lm.d_mlp or cfg.sae.model != model_name(lm.model_id):
-        raise ValueError(f"SAE run {cfg.sae.run_id} was trained on {cfg.sae.model!r}, not on "
-                         f"{model_name(lm.model_id)!r}; give --model {cfg.sae.model} or another --sae")
+    cfg.sae.check_model(model_name(lm.model_id), lm.d_mlp)
     return cfg.sae.n_features
 
 
