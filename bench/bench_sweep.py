@@ -4,6 +4,7 @@ against corpus size, and Ray workers against one process.
     python bench/bench_sweep.py throughput [--tokens 50000]
     python bench/bench_sweep.py memory [--sizes 100000,1000000,10000000]
     python bench/bench_sweep.py ray [--tokens 400000] [--workers 2]
+    python bench/bench_sweep.py gpt2 [--tokens 20000]
 
 throughput: per model, the full sweep (neurons + heads + embeddings) and neurons alone, against
     the bare forward pass (``lm.model(input_ids)``) on the same batches; bare and sweep alternate
@@ -12,6 +13,8 @@ memory: ``precompute run --jobs neurons,heads,embeddings --max-tokens N`` on the
     each size in a fresh process, over a corpus made by repeating the shared training text
     (train-5511-lowercase.txt) in a new random order each time (``make_corpus``), so 10M tokens
     of real TinyStories text exist; peak RSS from the kernel (wait4).
+gpt2: peak memory of the neuron job on a model of GPT-2 small's shapes with random weights
+    (the target: within 8 GB).
 ray: the same run in one process, on a local Ray cluster of ``--workers`` workers with a share of
     the cores each (one torch thread on 2 cores), and with as many threads each as this process
     (bit-identical results): wall-clock throughput, and which stored tables differ, if any.
@@ -156,9 +159,34 @@ def ray_compare(args) -> None:
         print(f"{how:>24s} {sec:8.1f} {args.tokens / sec:8,.0f} {base_sec / sec:7.2f}  {same}", flush=True)
 
 
+def gpt2_memory(args) -> None:
+    """The neuron job on a model of GPT-2 small's shapes (``GPT2Config()``: 12 layers, 3,072 neurons
+    a layer, vocabulary 50,257) with random weights, which no network is needed for: its memory
+    depends on the shapes, not the weights. The bundled tokenizer feeds it (ids < 2,048). Two shards,
+    so a later shard's own token sums are counted too."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = Path(args.work or tempfile.mkdtemp(prefix="tinyscope-gpt2s-"))
+    model = folder / "gpt2-small-shaped"
+    if not (model / "config.json").exists():
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(model)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(BUNDLED / f, model / f)
+    db = folder / "gpt2.db"
+    db.unlink(missing_ok=True)
+    sec, rss, _ = _run_cli(["run", "--model", str(model), "--corpus", str(need_corpus()), "--db", f"sqlite:///{db}",
+                              "--jobs", "neurons", "--max-tokens", str(args.tokens), "--shard-tokens", str(args.tokens // 2),
+                              "--batch-size", str(args.batch_size)])
+    print(f"GPT-2 small shapes, neuron job, {args.tokens:,} tokens in 2 shards, batch {args.batch_size}: "
+          f"{sec:.0f} s, peak RSS {rss:,.0f} MB (target: 8 GB)")
+    db.unlink(missing_ok=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["throughput", "memory", "ray"])
+    ap.add_argument("what", choices=["throughput", "memory", "ray", "gpt2"])
     ap.add_argument("--tokens", type=int, default=50_000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
@@ -169,7 +197,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the generated corpus and databases")
     args = ap.parse_args()
     torch.manual_seed(0)
-    {"throughput": throughput, "memory": memory, "ray": ray_compare}[args.what](args)
+    {"throughput": throughput, "memory": memory, "ray": ray_compare, "gpt2": gpt2_memory}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ PLACE_OPTIONS = ("db", "resume", "workers", "ray_address", "device", "lock_wait"
 
 class TokenFile:
     """Every sequence the sweep fed the model, on disk: ``tokens.i32`` (all ids, appended) and
-    ``seqs.i64`` (start, length, story id, offset per sequence). ``tokens(i)`` reads one back
-    (memory-mapped), for ``finish`` and for storing the sequences a page shows."""
+    ``seqs.i64`` (start, length, story id, offset per sequence). ``tokens(i)`` reads one back,
+    for ``finish`` and for storing the sequences a page shows."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -63,7 +63,7 @@ class TokenFile:
         for path, size in ((self.tok_path, n_tokens * 4), (self.seq_path, n_seqs * 32)):
             with open(path, "ab") as f:
                 f.truncate(size)
-        self._tok = self._seq = None
+        self._close()
 
     def append(self, shard: Sequences, n_tokens_before: int) -> None:
         lens = np.array([len(s) for s in shard.ids], dtype=np.int64)
@@ -73,26 +73,35 @@ class TokenFile:
             f.write(np.concatenate(shard.ids).astype(np.int32).tobytes())
         with open(self.seq_path, "ab") as f:
             f.write(np.ascontiguousarray(meta, dtype=np.int64).tobytes())
+        self._close()
+
+    def _open(self):
+        if self._seq is None:
+            self._seq = np.fromfile(self.seq_path, dtype=np.int64).reshape(-1, 4)
+            self._tok = open(self.tok_path, "rb")
+        return self._tok, self._seq
+
+    def _close(self) -> None:
+        if getattr(self, "_tok", None) is not None:
+            self._tok.close()
         self._tok = self._seq = None
 
-    def _maps(self):
-        if self._tok is None:
-            self._tok = np.memmap(self.tok_path, dtype=np.int32, mode="r") if self.tok_path.stat().st_size else np.zeros(0, np.int32)
-            self._seq = np.fromfile(self.seq_path, dtype=np.int64).reshape(-1, 4)
-        return self._tok, self._seq
+    __del__ = _close
 
     @property
     def n_seqs(self) -> int:
-        return len(self._maps()[1])
+        return len(self._open()[1])
 
     def tokens(self, seq_idx: int) -> np.ndarray:
-        tok, seq = self._maps()
-        start, length = seq[seq_idx, 0], seq[seq_idx, 1]
-        return np.asarray(tok[start : start + length])
+        # read, not memory-mapped: a mapped page that was read stays in the process's resident
+        # memory, so storing every sequence would add 4 bytes a token of the corpus to the peak
+        f, seq = self._open()
+        start, length = int(seq[seq_idx, 0]), int(seq[seq_idx, 1])
+        return np.frombuffer(os.pread(f.fileno(), 4 * length, 4 * start), dtype=np.int32)
 
     def meta(self, seq_idx: int) -> tuple[int, int]:
         """(story id, offset) of a sequence."""
-        seq = self._maps()[1]
+        seq = self._open()[1]
         return int(seq[seq_idx, 2]), int(seq[seq_idx, 3])
 
 

@@ -434,22 +434,15 @@ class NeuronsAccumulator:
         res = NeuronsResult(config=cfg, n_scored=self.n,
                             top_tokens_among=None if cfg.tracked_tokens is None else len(self.tracked),
                             token_counts=counts_all)
-        hists = {}
-        for l in self.layers:
-            st = self.state[l]
-            hists[l] = scan.finish_hist(*st.hist_arrays(), cfg.n_bins)
-        contexts = _contexts(tokens, np.concatenate([h[8] for h in hists.values()]),
-                             np.concatenate([h[9] for h in hists.values()]))
-        at = 0
-        for layer in self.layers:
+        for layer in self.layers:  # one layer at a time: GPT-2 small's samples are 0.1 GB a layer
             st = self.state[layer]
-            k0, g, boff, counts, soff, s_bin, s_h, s_a, s_seq, s_pos = hists[layer]
+            k0, g, boff, counts, soff, s_bin, s_h, s_a, s_seq, s_pos = scan.finish_hist(*st.hist_arrays(), cfg.n_bins)
             nd = np.diff(boff)
             m = len(s_bin)
             rec = np.zeros(m, dtype=SAMPLE_DTYPE)
             rec["seq"], rec["pos"], rec["act"], rec["bin"], rec["hash"] = s_seq, s_pos, s_a, s_bin, s_h
-            rec["at"], rec["n_ctx"], rec["ctx"] = (c[at : at + m] for c in contexts)
-            at += m
+            rec["at"], rec["n_ctx"], rec["ctx"] = _contexts(tokens, s_seq, s_pos)
+            del s_bin, s_h, s_a, s_seq, s_pos
             edges = [np.ldexp((k0[i] + np.arange(nd[i] + 1) * g[i]).astype(np.float64), int(st.ex[i]))
                      for i in range(self.d)]
             n_top = min(cfg.n_top_tokens, len(self.tracked))
@@ -460,12 +453,13 @@ class NeuronsAccumulator:
                 effects = cfg.sae.logit_effects(effects)
             nl = min(cfg.n_logit_tokens, effects.shape[1])
             top_v, top_i = torch.topk(effects, nl, dim=1)
-            bot_v, bot_i = torch.topk(-effects, nl, dim=1)
+            bot_v, bot_i = torch.topk(effects, nl, dim=1, largest=False)
             seen = torch.zeros(effects.shape[1], dtype=torch.bool)
             known = counts_all[: effects.shape[1]]
             seen[: len(known)] = torch.from_numpy(known > 0)
             seen_top = _top_where(effects, seen, nl)
-            seen_bot = _top_where(-effects, seen, nl)
+            seen_bot = _top_where(effects, seen, nl, lowest=True)
+            del effects
             res.layers.append(LayerNeurons(
                 layer=layer,
                 mean=st.mean.copy(),
@@ -488,7 +482,7 @@ class NeuronsAccumulator:
                 logit_top=top_i.numpy(),
                 logit_top_values=top_v.numpy(),
                 logit_bottom=bot_i.numpy(),
-                logit_bottom_values=(-bot_v).numpy(),
+                logit_bottom_values=bot_v.numpy(),
                 logit_top_seen=seen_top[0],
                 logit_top_seen_values=seen_top[1],
                 logit_bottom_seen=seen_bot[0],
@@ -507,15 +501,18 @@ def _compiling(kernels, what: str) -> None:
                    "machine), later runs load it from numba's cache", file=sys.stderr)
 
 
-def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int, lowest: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per row the ``n`` highest entries among the columns ``mask`` (ties to the smaller id, as
-    ``torch.topk`` on CPU does not promise): ids (-1 pads) and values (NaN pads)."""
+    ``torch.topk`` on CPU does not promise): ids (-1 pads) and values (NaN pads). With ``lowest``,
+    the same for the negated entries (the lowest, values negated)."""
     cols = torch.nonzero(mask).flatten()
     m = min(n, cols.numel())
     ids = np.full((effects.shape[0], n), -1, np.int64)
     vals = np.full((effects.shape[0], n), np.nan, np.float32)
     if m:
-        neg = -effects[:, cols].numpy()  # columns are in id order
+        neg = effects[:, cols].numpy()  # columns are in id order; a copy
+        if not lowest:
+            np.negative(neg, out=neg)
         # the m best of each row by partition, then ordered by (value, id); a row whose m-th value
         # ties with columns left out is sorted whole (stable), so ties always go to the smaller id
         part = np.sort(np.argpartition(neg, m - 1, axis=1)[:, :m], axis=1)

@@ -75,9 +75,21 @@ def _r(x: float, nd: int = 5) -> float:
     return float(round(float(x), nd))
 
 
+ROWS_AT_ONCE = 2000  # neurons whose rows are built and inserted together (GPT-2 small: 36,864 neurons)
+
+
 def write_neurons(s: Session, run_id: int, result) -> None:
-    """All rows of a neuron-job result, in the caller's transaction."""
+    """All rows of a neuron-job result, in the caller's transaction, inserted a few thousand neurons
+    at a time (building every row first would hold a second copy of the result's samples)."""
     stats, examples = [], []
+
+    def flush():
+        if stats:
+            s.execute(insert(NeuronStatsRow), stats)
+        if examples:
+            s.execute(insert(NeuronExampleRow), examples)
+        stats.clear()
+        examples.clear()
     counts = result.token_counts
     sae_id = None if result.config.sae is None else result.config.sae.sae_id
 
@@ -114,10 +126,9 @@ def write_neurons(s: Session, run_id: int, result) -> None:
                             acts=to_blob(ex.win[e, : ex.win_len[e]].astype(np.float32)),
                         )
                     )
-    for i in range(0, len(stats), 5000):
-        s.execute(insert(NeuronStatsRow), stats[i : i + 5000])
-    for i in range(0, len(examples), 5000):
-        s.execute(insert(NeuronExampleRow), examples[i : i + 5000])
+            if len(stats) >= ROWS_AT_ONCE:
+                flush()
+    flush()
 
 
 # ---------------------------------------------------------------------------------------------
