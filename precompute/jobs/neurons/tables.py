@@ -90,6 +90,7 @@ def write_neurons(s: Session, run_id: int, result) -> None:
             s.execute(insert(NeuronExampleRow), examples)
         stats.clear()
         examples.clear()
+
     counts = result.token_counts
     sae_id = None if result.config.sae is None else result.config.sae.sae_id
 
