@@ -75,7 +75,8 @@ def _r(x: float, nd: int = 5) -> float:
     return float(round(float(x), nd))
 
 
-ROWS_AT_ONCE = 2000  # neurons whose rows are built and inserted together (GPT-2 small: 36,864 neurons)
+NEURONS_AT_ONCE = 500  # neurons whose rows are built, then inserted (GPT-2 small: 36,864 neurons)
+ROWS_PER_INSERT = 5000
 
 
 def write_neurons(s: Session, run_id: int, result) -> None:
@@ -84,12 +85,10 @@ def write_neurons(s: Session, run_id: int, result) -> None:
     stats, examples = [], []
 
     def flush():
-        if stats:
-            s.execute(insert(NeuronStatsRow), stats)
-        if examples:
-            s.execute(insert(NeuronExampleRow), examples)
-        stats.clear()
-        examples.clear()
+        for table, rows in ((NeuronStatsRow, stats), (NeuronExampleRow, examples)):
+            for i in range(0, len(rows), ROWS_PER_INSERT):
+                s.execute(insert(table), rows[i : i + ROWS_PER_INSERT])
+            rows.clear()
 
     counts = result.token_counts
     sae_id = None if result.config.sae is None else result.config.sae.sae_id
@@ -127,7 +126,7 @@ def write_neurons(s: Session, run_id: int, result) -> None:
                             acts=to_blob(ex.win[e, : ex.win_len[e]].astype(np.float32)),
                         )
                     )
-            if len(stats) >= ROWS_AT_ONCE:
+            if len(stats) >= NEURONS_AT_ONCE:
                 flush()
     flush()
 
