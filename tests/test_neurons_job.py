@@ -205,8 +205,8 @@ def test_top_where_equals_a_stable_full_sort():
         order = np.argsort(-x[:, cols], axis=1, kind="stable")[:, :m]
         assert np.array_equal(ids[:, :m], cols[order]) and (ids[:, m:] == -1).all()
         assert np.array_equal(vals[:, :m], np.take_along_axis(x[:, cols], order, 1)) and np.isnan(vals[:, m:]).all()
-        # the lowest entries (finish's bottom list, without a negated copy of the matrix) are the
-        # highest of the negated matrix, ties to the smaller id too
+        # the lowest entries (finish's bottom list, without a negated copy of the matrix): the
+        # highest of the negated matrix, ties to the smaller id too, given as the entries themselves
         low_ids, low_vals = _top_where(torch.tensor(x), torch.tensor(mask), n, lowest=True)
         neg_ids, neg_vals = _top_where(torch.tensor(-x), torch.tensor(mask), n)
-        assert np.array_equal(low_ids, neg_ids) and np.array_equal(low_vals, neg_vals, equal_nan=True)
+        assert np.array_equal(low_ids, neg_ids) and np.array_equal(low_vals, -neg_vals, equal_nan=True)

@@ -486,7 +486,7 @@ class NeuronsAccumulator:
                 logit_top_seen=seen_top[0],
                 logit_top_seen_values=seen_top[1],
                 logit_bottom_seen=seen_bot[0],
-                logit_bottom_seen_values=-seen_bot[1],
+                logit_bottom_seen_values=seen_bot[1],
             ))
         return res
 
@@ -502,27 +502,27 @@ def _compiling(kernels, what: str) -> None:
 
 
 def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int, lowest: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per row the ``n`` highest entries among the columns ``mask`` (ties to the smaller id, as
-    ``torch.topk`` on CPU does not promise): ids (-1 pads) and values (NaN pads). With ``lowest``,
-    the same for the negated entries (the lowest, values negated)."""
+    """Per row the ``n`` highest entries (with ``lowest``, the ``n`` lowest) among the columns
+    ``mask``, best first, ties to the smaller id (as ``torch.topk`` on CPU does not promise): ids
+    (-1 pads) and the entries (NaN pads)."""
     cols = torch.nonzero(mask).flatten()
     m = min(n, cols.numel())
     ids = np.full((effects.shape[0], n), -1, np.int64)
     vals = np.full((effects.shape[0], n), np.nan, np.float32)
     if m:
-        neg = effects[:, cols].numpy()  # columns are in id order; a copy
+        key = effects[:, cols].numpy()  # columns are in id order; a copy, ordered ascending (best first)
         if not lowest:
-            np.negative(neg, out=neg)
-        # the m best of each row by partition, then ordered by (value, id); a row whose m-th value
+            np.negative(key, out=key)
+        # the m best of each row by partition, then ordered by (key, id); a row whose m-th key
         # ties with columns left out is sorted whole (stable), so ties always go to the smaller id
-        part = np.sort(np.argpartition(neg, m - 1, axis=1)[:, :m], axis=1)
-        pv = np.take_along_axis(neg, part, 1)
-        order = np.take_along_axis(part, np.argsort(pv, axis=1, kind="stable"), 1)
-        tied = np.nonzero((neg <= pv.max(axis=1, keepdims=True)).sum(axis=1) > m)[0]
+        part = np.sort(np.argpartition(key, m - 1, axis=1)[:, :m], axis=1)
+        pk = np.take_along_axis(key, part, 1)
+        order = np.take_along_axis(part, np.argsort(pk, axis=1, kind="stable"), 1)
+        tied = np.nonzero((key <= pk.max(axis=1, keepdims=True)).sum(axis=1) > m)[0]
         if len(tied):
-            order[tied] = np.argsort(neg[tied], axis=1, kind="stable")[:, :m]
+            order[tied] = np.argsort(key[tied], axis=1, kind="stable")[:, :m]
         ids[:, :m] = cols.numpy()[order]
-        vals[:, :m] = -np.take_along_axis(neg, order, 1)
+        vals[:, :m] = np.take_along_axis(key, order, 1) * (1 if lowest else -1)
     return ids, vals
 
 
