@@ -161,9 +161,7 @@ def test_update_block_with_a_small_candidate_buffer(seed, tile):
     r, p = np.nonzero((np.arange(T)[None, :] >= 1) & (np.arange(T)[None, :] < lengths[:, None]))
     key = keys2d[r, p]
     hh = scan.to_signed(scan.sample_hash(key, 0))
-    none = np.zeros(0, np.int64)
-    status = scan.update_block(A, r, p, key, hh, (seq_idx[r] << scan.LOC_BITS) | p, np.argsort(hh), np.sort(hh), none,
-                               none, np.zeros(1, np.int64),
+    status = scan.update_block(A, r, p, key, hh, (seq_idx[r] << scan.LOC_BITS) | p, np.full(len(r), -1),
                                seq_idx, lengths, 0, d, 0, st.lo, st.hi, st.ex, st.mean, st.m2, st.npos, st.bins, st.rh,
                                st.ra, st.rloc, *st.top_arrays(), *st.bottom_arrays(), st.tsum, M, before, before,
                                tile)

@@ -82,6 +82,22 @@ def test_resume_after_stop_equals_uninterrupted(tmp_path, stories260k_path, vali
     assert {s for _, s in runs.values()} == {"running"}
     assert _contents(url) == {}  # nothing is visible to pages yet
     rid = min(r for r, _ in runs.values())
+    # a checkpoint from an older layout of the neuron statistics: a one-line error, nothing lost
+    from precompute.jobs.neurons import job as neurons_job
+    from precompute.runs import Checkpoint
+
+    (folder,) = (tmp_path / "work").iterdir()
+    good = (folder / "checkpoint.pkl").read_bytes()
+    ck = Checkpoint.load(folder)
+    layout, neurons_job.STATE_LAYOUT = neurons_job.STATE_LAYOUT, 1
+    try:
+        ck.save(folder)
+    finally:
+        neurons_job.STATE_LAYOUT = layout
+    p = _cli(["run", "--resume", str(rid), "--db", url], env={**os.environ, **env_work})
+    _, err = p.communicate(timeout=600)
+    assert p.returncode != 0 and "older layout" in err and "Traceback" not in err, err
+    (folder / "checkpoint.pkl").write_bytes(good)
     p = _cli(["run", "--resume", str(rid), "--db", url], env={**os.environ, **env_work})
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err

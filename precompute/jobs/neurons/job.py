@@ -78,6 +78,7 @@ Backend = Literal["auto", "numba", "torch"]
 BACKENDS: dict[str, str] = {"auto": "numba on CPU, torch on CUDA", "numba": "compiled CPU kernels",
                             "torch": "torch ops on the model's device"}
 CTX_BEFORE, CTX_AFTER = 12, 3  # a spectrum sample's stored context
+STATE_LAYOUT = 2  # of a pickled accumulator (checkpoints): 2 keeps the per-token sums [tracked tokens, d]
 TILE = 16  # neurons per tile of the compiled update (one 64-byte line of a float32 row)
 
 
@@ -237,7 +238,7 @@ def prepare(lm: LoadedModel, cfg: NeuronsConfig, first_shard: Sequences) -> Neur
 
 @dataclass
 class _TokenBatch:
-    """A batch's scored tokens in (row, position) order."""
+    """A batch's scored tokens, in sample-hash order."""
 
     lengths: np.ndarray  # per row
     seq_idx: np.ndarray  # per row: global sequence index
@@ -246,7 +247,7 @@ class _TokenBatch:
     key: np.ndarray  # global corpus-order key
     hash: np.ndarray  # spectrum-sample hash, signed order
     loc: np.ndarray  # seq << LOC_BITS | pos
-    tt: np.ndarray  # the token's column in the per-token sums (-1: untracked)
+    tt: np.ndarray  # the token's row in the per-token sums (-1: untracked)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -298,7 +299,14 @@ class NeuronsAccumulator:
         self._sync()
         d = dict(self.__dict__)
         d["_dev"] = None
+        d["layout"] = STATE_LAYOUT
         return d
+
+    def __setstate__(self, d: dict) -> None:
+        if d.pop("layout", 1) != STATE_LAYOUT:
+            raise ValueError("this run's checkpoint holds neuron statistics in an older layout: "
+                             "start the run again (without --resume)")
+        self.__dict__.update(d)
 
     def _sync(self) -> None:
         """Bring the torch backend's device state back into ``self.state`` (numpy)."""
@@ -333,10 +341,11 @@ class NeuronsAccumulator:
         tok = ids[r, p]
         tt = np.where(tok < len(self.tmap), self.tmap[np.minimum(tok, len(self.tmap) - 1)], -1)
         self.tcount += np.bincount(tt[tt >= 0], minlength=len(self.tracked))
-        tok_batch = _TokenBatch(
-            lengths=lengths, seq_idx=seq_idx, r=r, p=p, key=key,
-            hash=scan.to_signed(scan.sample_hash(key, self.cfg.seed)), loc=(seq_idx[r] << scan.LOC_BITS) | p, tt=tt,
-        )
+        h = scan.to_signed(scan.sample_hash(key, self.cfg.seed))
+        o = np.argsort(h)  # sample-hash order (results do not depend on it; the reservoirs run faster)
+        r, p, key, h, tt = r[o], p[o], key[o], h[o], tt[o]
+        tok_batch = _TokenBatch(lengths=lengths, seq_idx=seq_idx, r=r, p=p, key=key, hash=h,
+                                loc=(seq_idx[r] << scan.LOC_BITS) | p, tt=tt)
         if self.backend == "torch":
             self._update_torch(acts, tok_batch)
         else:
@@ -347,14 +356,8 @@ class NeuronsAccumulator:
         self._sync()
         _compiling([scan.update_block], "preparing the update kernel")
         cb, ca = self.cfg.ctx_before, self.cfg.ctx_after
-        tord = np.argsort(tb.tt, kind="stable")
-        tord = tord[tb.tt[tord] >= 0]
-        tids, tstart = np.unique(tb.tt[tord], return_index=True)
-        tstart = np.append(tstart, len(tord)).astype(np.int64)
-        hord = np.argsort(tb.hash)
-        hsorted = tb.hash[hord]
         tasks = []
-        width = max(1, -(-self.d // self.threads))
+        width = TILE * max(1, -(-self.d // (self.threads * TILE)))  # whole tiles: threads share no sums' line
         for layer in self.layers:
             A = acts[layer].detach().to("cpu", torch.float32).contiguous().numpy()
             st = self.state[layer]
@@ -363,10 +366,10 @@ class NeuronsAccumulator:
 
         def one(t):
             A, st, i0, i1 = t
-            return scan.update_block(A, tb.r, tb.p, tb.key, tb.hash, tb.loc, hord, hsorted, tord, tids, tstart,
-                                     tb.seq_idx, tb.lengths, i0, i1, self.n, st.lo, st.hi, st.ex, st.mean, st.m2,
-                                     st.npos, st.bins, st.rh, st.ra, st.rloc, *st.top_arrays(), *st.bottom_arrays(),
-                                     st.tsum, self.m_cand, cb, ca, TILE)
+            return scan.update_block(A, tb.r, tb.p, tb.key, tb.hash, tb.loc, tb.tt, tb.seq_idx, tb.lengths, i0, i1,
+                                     self.n, st.lo, st.hi, st.ex, st.mean, st.m2, st.npos, st.bins, st.rh, st.ra,
+                                     st.rloc, *st.top_arrays(), *st.bottom_arrays(), st.tsum, self.m_cand, cb, ca,
+                                     TILE)
 
         if len(tasks) == 1:
             status = [one(tasks[0])]

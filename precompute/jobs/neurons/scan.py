@@ -95,7 +95,7 @@ class LayerState:
     bws: np.ndarray
     bwl: np.ndarray
     bwin: np.ndarray
-    tsum: np.ndarray  # f64 [d, tracked tokens] per-token sums
+    tsum: np.ndarray  # f64 [tracked tokens, d] per-token sums
 
     @classmethod
     def empty(cls, d: int, S: int, K: int, W: int, n_track: int) -> "LayerState":
@@ -111,7 +111,7 @@ class LayerState:
             twl=np.zeros((d, K), np.int32), twin=np.zeros((d, K, W), np.float32),
             bn=np.zeros(d, np.int64), bv=np.zeros((d, K), np.float32), bk=np.zeros((d, K), np.int64),
             bseq=np.zeros((d, K), np.int64), bpos=np.zeros((d, K), np.int32), bws=np.zeros((d, K), np.int32),
-            bwl=np.zeros((d, K), np.int32), bwin=np.zeros((d, K, W), np.float32), tsum=np.zeros((d, n_track)),
+            bwl=np.zeros((d, K), np.int32), bwin=np.zeros((d, K, W), np.float32), tsum=np.zeros((n_track, d)),
         )
 
     def hist_arrays(self):
@@ -483,27 +483,52 @@ def _top_step(x, low, i, key, rr, pp, A, lo, hi, ex, bins, tn, tv, tk, tseq, tpo
         select_top(i, cv, ck, cr, cp, nc, cb, tn, tv, tk, tseq, tpos, tws, twl, twin, seq_idx, lengths, ca, A, True)
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _scan_row(x, shift, lo, hi, ft, fb):
+    """One pass over a neuron's batch values ``x``: the shifted sums ``sum(x - shift)`` and
+    ``sum((x - shift)^2)`` in float64 (the compiler may reorder these sums: that is the only
+    function where it may), and how many values are outside ``lo..hi`` (NaN included), above
+    zero, at or above ``ft`` and at or below ``fb``."""
+    s1 = 0.0
+    s2 = 0.0
+    n_out = np.int32(0)
+    n_pos = np.int32(0)
+    n_top = np.int32(0)
+    n_bot = np.int32(0)
+    for n in range(x.shape[0]):
+        v = x[n]
+        w = np.float64(v) - shift
+        s1 += w
+        s2 += w * w
+        n_out += np.int32(not (v >= lo and v <= hi))
+        n_pos += np.int32(v > 0)
+        n_top += np.int32(v >= ft)
+        n_bot += np.int32(v <= fb)
+    return s1, s2, n_out, n_pos, n_top, n_bot
+
+
 @njit(cache=True, nogil=True)
-def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq_idx, lengths, i0, i1, n_before,
+def update_block(A, rr, pp, key, hh, loc, tcol, seq_idx, lengths, i0, i1, n_before,
                  lo, hi, ex, mean, m2, npos, bins, rh, ra, rloc,
                  tn, tv, tk, tseq, tpos, tws, twl, twin, bn, bv, bk, bseq, bpos, bws, bwl, bwin, tsum, M, cb, ca,
                  tile):
     """Fold one batch into neurons ``i0:i1`` of a layer's state. ``A`` [batch, pos, d] f32. The
-    batch's scored tokens, in (row, position) order: ``A[rr[n], pp[n]]``, with global key
-    ``key[n]``, sample hash ``hh[n]`` (signed order; ``hord`` sorts them, ``hsorted = hh[hord]``)
-    and place ``loc[n]``.
-    ``tord`` lists the tracked tokens grouped by their column in ``tsum`` [d, tracked]
-    (``tids[g]`` for ``tord[tstart[g]:tstart[g + 1]]``).
-    ``n_before``: scored tokens before this batch; ``M``: candidates that hold a batch's K best
-    kept ones.
+    batch's scored tokens, in any order (the caller gives them in sample-hash order, so a bin's
+    reservoir meets its smallest hashes first): ``A[rr[n], pp[n]]``, with global key ``key[n]``,
+    sample hash ``hh[n]`` (signed order), place ``loc[n]`` and row ``tcol[n]`` of the per-token
+    sums ``tsum`` [tracked tokens, d] (-1: untracked). ``n_before``: scored tokens before this
+    batch; ``M``: candidates that hold a batch's K best kept ones.
 
-    A tile of ``tile`` neurons (one cache line of a row) is copied neuron-major, then each neuron
-    is done alone over the batch with its state in cache: min/max (widening the bins at most
-    once), moments, fine-bin slots and counts, the tokens under their bin's reservoir threshold
-    (branch-free), then those tokens into the reservoirs, the per-token sums, then the top
-    candidates (ahead of its K-th kept example or, while it has fewer, of a floor from the
-    histogram). The result does not depend on the order of tokens within the batch. Returns 1
-    when a value was not finite, else 0."""
+    A tile of ``tile`` neurons (one cache line of a row of ``A``) is copied neuron-major, its
+    values added to the per-token sums on the way (a token's row, the tile's columns); then each
+    neuron is done alone over the batch with its state in cache: one vectorised pass for the
+    moments and for what decides the rest (values outside min..max, above zero, ahead of the
+    K-th top or bottom example); min and max only when a value is outside (widening the bins at
+    most once); the fine-bin slots; counts and the tokens under their bin's reservoir threshold
+    (branch-free), then those tokens into the reservoirs; the top and bottom candidates only when
+    a list is not full or a value is ahead of its K-th example. The result does not depend on the
+    order of tokens within the batch (floating-point sums aside). Returns 1 when a value was not
+    finite, else 0."""
     K = tv.shape[1]
     S = rh.shape[2]
     C = 2 * M
@@ -521,61 +546,42 @@ def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq
     cj = np.empty(C, np.int64)
     fv = np.empty(1, np.float64)
     fk = np.empty(1, np.int64)
-    part = np.empty((2, 8), np.float64)
     for t0 in range(i0, i1, tile):
         t1 = min(i1, t0 + tile)
         w = t1 - t0
-        for n in range(N):  # neuron-major copy of the tile
+        for n in range(N):  # neuron-major copy of the tile; per-token sums of its columns
             r = rr[n]
             p = pp[n]
-            for q in range(w):
-                buf[q, n] = A[r, p, t0 + q]
+            c = tcol[n]
+            if c >= 0:
+                for q in range(w):
+                    v = A[r, p, t0 + q]
+                    buf[q, n] = v
+                    tsum[c, t0 + q] += np.float64(v)
+            else:
+                for q in range(w):
+                    buf[q, n] = A[r, p, t0 + q]
         for q in range(w):
             i = t0 + q
             x = buf[q]
-            # min and max; widen the bins once for the whole batch
-            mn = x[0]
-            mx = x[0]
-            bad = 0
-            for n in range(N):
-                v = x[n]
-                mn = min(mn, v)
-                mx = max(mx, v)
-                bad += v != v
-            if bad or not (np.isfinite(mn) and np.isfinite(mx)):
-                return 1
-            if mn < lo[i] or mx > hi[i]:
-                _grow_range(i, mn, mx, lo, hi, ex, bins, rh, ra, rloc)
-            # moments (8 partial shifted sums in a fixed order, so the loop vectorises), and the
-            # fine-bin slots (k mod N_FINE, exact in float64)
             shift = mean[i] if n_before > 0 else np.float64(x[0])
-            inv = math.ldexp(1.0, -ex[i])
-            part[:] = 0.0
-            npos_b = 0
-            n8 = N - N % 8
-            for n in range(0, n8, 8):
-                for u in range(8):
-                    x64 = np.float64(x[n + u])
-                    xd = x64 - shift
-                    part[0, u] += xd
-                    part[1, u] += xd * xd
-                    npos_b += x64 > 0
-                    kf = math.floor(x64 * inv)
-                    slot[n + u] = np.uint8(kf - N_FINE * math.floor(kf * (1.0 / N_FINE)))
-            for n in range(n8, N):
-                x64 = np.float64(x[n])
-                xd = x64 - shift
-                part[0, 0] += xd
-                part[1, 0] += xd * xd
-                npos_b += x64 > 0
-                kf = math.floor(x64 * inv)
-                slot[n] = np.uint8(kf - N_FINE * math.floor(kf * (1.0 / N_FINE)))
-            s1 = 0.0
-            s2 = 0.0
-            for u in range(8):
-                s1 += part[0, u]
-                s2 += part[1, u]
-            npos[i] += npos_b
+            ft = tv[i, K - 1] if tn[i] == K else np.float32(np.inf)
+            fb = -bv[i, K - 1] if bn[i] == K else np.float32(-np.inf)
+            s1, s2, n_out, n_pos, n_top, n_bot = _scan_row(x, shift, lo[i], hi[i], ft, fb)
+            if n_out:  # min and max; widen the bins once for the whole batch
+                mn = x[0]
+                mx = x[0]
+                bad = 0
+                for n in range(N):
+                    v = x[n]
+                    mn = min(mn, v)
+                    mx = max(mx, v)
+                    bad += v != v
+                if bad or not (np.isfinite(mn) and np.isfinite(mx)):
+                    return 1
+                if mn < lo[i] or mx > hi[i]:
+                    _grow_range(i, mn, mx, lo, hi, ex, bins, rh, ra, rloc)
+            npos[i] += n_pos
             mb = shift + s1 / N
             m2b = s2 - s1 * s1 / N
             if n_before == 0:
@@ -586,69 +592,57 @@ def update_block(A, rr, pp, key, hh, loc, hord, hsorted, tord, tids, tstart, seq
                 delta = mb - mean[i]
                 mean[i] += delta * N / nt
                 m2[i] += m2b + delta * delta * (n_before * (N / nt))
+            # fine-bin slots: k mod N_FINE (k exact in float64)
+            inv = math.ldexp(1.0, -ex[i])
+            for n in range(N):
+                slot[n] = np.uint8(np.int64(math.floor(np.float64(x[n]) * inv)) & MASK)
             # counts, and the tokens under their bin's threshold as it was before this batch (a
             # superset of those that enter)
             for sl in range(N_FINE):
                 fill[sl] = min(bins[i, sl, 0], S)
                 thr[sl] = bins[i, sl, 1]
-                cnt[0, sl] = 0
-                cnt[1, sl] = 0
             m = 0
-            for u in range(N):  # in hash order, so a bin's reservoir takes few and rejects the rest
-                n = hord[u]
+            for n in range(N):
                 sl = slot[n]
-                cnt[u & 1, sl] += 1
+                cnt[n & 1, sl] += 1
                 under[m] = n
-                m += hsorted[u] <= thr[sl]
+                m += hh[n] <= thr[sl]
             for sl in range(N_FINE):
                 bins[i, sl, 0] += cnt[0, sl] + cnt[1, sl]
                 cnt[0, sl] = 0
+                cnt[1, sl] = 0
             # the reservoirs keep the S smallest hashes: offered bin by bin (their memory in order),
-            # each bin's tokens in hash order (a stable counting sort of the list)
-            for u in range(m):
-                cnt[0, slot[under[u]]] += 1
-            at = 0
-            for sl in range(N_FINE):
-                c = cnt[0, sl]
-                cnt[0, sl] = at
-                at += c
-            for u in range(m):
-                n = under[u]
-                sl = slot[n]
-                by_bin[cnt[0, sl]] = n
-                cnt[0, sl] += 1
-            for u in range(m):
-                n = by_bin[u]
-                sl = slot[n]
-                if hh[n] <= thr[sl]:
-                    fill[sl] = _push(bins, rh, ra, rloc, i, sl, fill[sl], hh[n], x[n], loc[n])
-                    thr[sl] = bins[i, sl, 1]
-            # per-token sums, a token's occurrences added together
-            trow = tsum[i]
-            for g in range(tids.shape[0]):
-                a0 = 0.0
-                a1 = 0.0
-                a2 = 0.0
-                a3 = 0.0
-                u = tstart[g]
-                end = tstart[g + 1]
-                while u + 4 <= end:  # four chains in a fixed order
-                    a0 += np.float64(x[tord[u]])
-                    a1 += np.float64(x[tord[u + 1]])
-                    a2 += np.float64(x[tord[u + 2]])
-                    a3 += np.float64(x[tord[u + 3]])
-                    u += 4
-                while u < end:
-                    a0 += np.float64(x[tord[u]])
-                    u += 1
-                trow[tids[g]] += (a0 + a1) + (a2 + a3)
+            # each bin's tokens in the given order (a stable counting sort of the list)
+            if m:
+                for u in range(m):
+                    cnt[0, slot[under[u]]] += 1
+                at = 0
+                for sl in range(N_FINE):
+                    c = cnt[0, sl]
+                    cnt[0, sl] = at
+                    at += c
+                for u in range(m):
+                    n = under[u]
+                    sl = slot[n]
+                    by_bin[cnt[0, sl]] = n
+                    cnt[0, sl] += 1
+                for sl in range(N_FINE):
+                    cnt[0, sl] = 0
+                for u in range(m):
+                    n = by_bin[u]
+                    sl = slot[n]
+                    if hh[n] <= thr[sl]:
+                        fill[sl] = _push(bins, rh, ra, rloc, i, sl, fill[sl], hh[n], x[n], loc[n])
+                        thr[sl] = bins[i, sl, 1]
             # top candidates, then bottom ones (the top of the negated activations; exact)
-            _top_step(x, False, i, key, rr, pp, A, lo, hi, ex, bins, tn, tv, tk, tseq, tpos, tws, twl, twin, cv, ck,
-                      cj, fv, fk, M, cb, ca, seq_idx, lengths)
-            for n in range(N):
-                xneg[n] = -x[n]
-            _top_step(xneg, True, i, key, rr, pp, A, lo, hi, ex, bins, bn, bv, bk, bseq, bpos, bws, bwl, bwin, cv, ck,
-                      cj, fv, fk, M, cb, ca, seq_idx, lengths)
+            if tn[i] < K or n_top:
+                _top_step(x, False, i, key, rr, pp, A, lo, hi, ex, bins, tn, tv, tk, tseq, tpos, tws, twl, twin, cv,
+                          ck, cj, fv, fk, M, cb, ca, seq_idx, lengths)
+            if bn[i] < K or n_bot:
+                for n in range(N):
+                    xneg[n] = -x[n]
+                _top_step(xneg, True, i, key, rr, pp, A, lo, hi, ex, bins, bn, bv, bk, bseq, bpos, bws, bwl, bwin,
+                          cv, ck, cj, fv, fk, M, cb, ca, seq_idx, lengths)
     return 0
 
 
@@ -816,9 +810,9 @@ def finish_hist(lo, hi, ex, bins, rh, ra, rloc, n_bins):
 
 @njit(cache=True)
 def top_tokens(tsum, tcount, min_count, n_top):
-    """Per neuron the ``n_top`` tracked rows with the highest mean (``tsum / tcount``, rows seen
+    """Per neuron the ``n_top`` tracked rows with the highest mean (``tsum [tracked, d] / tcount``, rows seen
     at least ``min_count`` times), ties to the smaller row (rows are in token-id order)."""
-    d, n_tok = tsum.shape
+    n_tok, d = tsum.shape
     ids = np.full((d, n_top), -1, np.int64)
     means = np.zeros((d, n_top), np.float64)
     ok = np.zeros(n_tok, np.bool_)
@@ -829,7 +823,7 @@ def top_tokens(tsum, tcount, min_count, n_top):
         for t in range(n_tok):
             if not ok[t]:
                 continue
-            mt = tsum[i, t] / tcount[t]
+            mt = tsum[t, i] / tcount[t]
             if k == n_top and not mt > means[i, n_top - 1]:
                 continue
             p = k if k < n_top else n_top - 1
@@ -1060,7 +1054,7 @@ def torch_update(t: dict, st: LayerState, x, r_np, p_np, key, hashes, loc, tt, s
 
     # per-token sums
     tracked = ts >= 0
-    t["tsum"].index_add_(1, ts[tracked], X[tracked].double().T)
+    t["tsum"].index_add_(0, ts[tracked], X[tracked].double())
 
     # top and bottom candidates (the bottom list is the top list of the negated activations)
     _t_top(torch, X, x, keys, st.top_arrays(), r_np, p_np, seq_idx, lengths, M, cb, ca)
