@@ -1,15 +1,18 @@
 """The neuron job's per-batch update, merge and finish as compiled kernels (numba), and the same
 update in torch ops for a GPU (``torch_update``). Definitions are in ``job.py``'s docstring.
 
-One layer's state is a ``LayerState`` of per-neuron arrays. ``update_block`` folds one batch
-into a block of neurons (blocks run on Python threads: the compiled code releases the GIL). It
-copies a tile of 16 neurons (one cache line of a row of ``A [batch, pos, d_mlp]``) neuron-major
-and then does each neuron alone, its state in cache: min/max (the bins widen at most once a
-batch), shifted sums for the moments, fine-bin slots and counts, the tokens under their bin's
-reservoir threshold (taken in hash order, then grouped by bin, so the reservoirs are visited
-in memory order and a bin takes its few new samples and rejects the rest), per-token sums
-grouped by token, and the top-example candidates. Fine bins live in a ring of 256 slots
-(``k mod 256``): the bins of ``kmin..kmax`` never collide.
+One layer's state is a ``LayerState`` of per-neuron arrays (the per-token sums are
+``[tracked tokens, d]``). ``update_block`` folds one batch into a block of neurons (blocks run on
+Python threads: the compiled code releases the GIL). The batch's tokens come in sample-hash order.
+It copies a tile of 16 neurons (one cache line of a row of ``A [batch, pos, d_mlp]``) neuron-major,
+adding the values to the per-token sums on the way, and then does each neuron alone, its state
+in cache: one vectorised pass for the shifted sums of the moments and for what decides the rest
+(values outside min..max, above zero, ahead of the K-th top or bottom example); min/max only
+when a value is outside (the bins widen at most once a batch); fine-bin slots and counts; the
+tokens under their bin's reservoir threshold (grouped by bin, so the reservoirs are visited in
+memory order and, in hash order, a bin takes its few new samples and rejects the rest); and the
+top-example candidates only when a list is not full or a value is ahead of its K-th example.
+Fine bins live in a ring of 256 slots (``k mod 256``): the bins of ``kmin..kmax`` never collide.
 
 Sample hashes are kept as signed int64 in the same order as the unsigned hash (``h ^ 2^63``), so
 numba and torch compare them without unsigned arithmetic. A fine bin's reservoir holds its
