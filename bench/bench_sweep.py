@@ -1,14 +1,16 @@
 """The one-pass sweep at corpus scale: throughput against the bare forward pass, peak memory
 against corpus size, and Ray workers against one process.
 
-    python bench/bench_sweep.py throughput [--tokens 50000]
+    python bench/bench_sweep.py throughput [--tokens 50000] [--as-cli]
     python bench/bench_sweep.py memory [--sizes 100000,1000000,10000000]
     python bench/bench_sweep.py ray [--tokens 400000] [--workers 2]
     python bench/bench_sweep.py gpt2 [--tokens 20000]
 
 throughput: per model, the full sweep (neurons + heads + embeddings) and neurons alone, against
     the bare forward pass (``lm.model(input_ids)``) on the same batches; bare and sweep alternate
-    for ``--rounds`` rounds and the ratio is the median of the rounds'.
+    for ``--rounds`` rounds and the ratio is the median of the rounds'. ``--as-cli`` first sets
+    glibc's allocator as ``precompute run`` does (``sweep.return_freed_memory``: every buffer of
+    1 MB or more is fresh, zeroed memory), for both.
 memory: ``precompute run --jobs neurons,heads,embeddings --max-tokens N`` on the bundled model,
     each size in a fresh process, over a corpus made by repeating the shared training text
     (train-5511-lowercase.txt) in a new random order each time (``make_corpus``), so 10M tokens
@@ -62,6 +64,10 @@ def sweep_time(lm, seqs, jobs: list[str], batch_size: int) -> float:
 
 
 def throughput(args) -> None:
+    if args.as_cli:
+        from precompute.sweep import return_freed_memory
+
+        return_freed_memory()
     corpus = read_text_corpus(need_corpus())
     print(f"\n{'model':26s} {'tokens':>8s} {'bare tok/s':>11s} {'what':>26s} {'tok/s':>9s} {'ratio':>6s}")
     for name, path in available_models().items():
@@ -194,6 +200,7 @@ def main() -> None:
     ap.add_argument("--jobs", default="neurons,heads,embeddings")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-tokens", type=int, default=100_000)
+    ap.add_argument("--as-cli", action="store_true", help="throughput: the allocator settings of precompute run")
     ap.add_argument("--work", default=None, help="folder for the generated corpus and databases")
     args = ap.parse_args()
     torch.manual_seed(0)
