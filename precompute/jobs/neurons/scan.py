@@ -813,11 +813,13 @@ def finish_hist(lo, hi, ex, bins, rh, ra, rloc, n_bins):
 
 @njit(cache=True)
 def top_tokens(tsum, tcount, min_count, n_top):
-    """Per neuron the ``n_top`` tracked rows with the highest mean (``tsum [tracked, d] / tcount``, rows seen
-    at least ``min_count`` times), ties to the smaller row (rows are in token-id order)."""
+    """Per neuron the ``n_top`` tracked rows with the highest mean (``tsum [tracked, d] / tcount``,
+    rows seen at least ``min_count`` times), ties to the smaller row (rows are in token-id order)."""
     n_tok, d = tsum.shape
     ids = np.full((d, n_top), -1, np.int64)
     means = np.zeros((d, n_top), np.float64)
+    if n_top == 0:  # nothing asked (the insertion below would index column -1 of an empty array)
+        return ids, means
     ok = np.zeros(n_tok, np.bool_)
     for t in range(n_tok):
         ok[t] = tcount[t] >= min_count and tcount[t] > 0
