@@ -104,6 +104,7 @@ def ray_sweep(args, names: list[str]):
                     shard, accs = done.pop(order.pop(0))
                     bar.update(shard.n_tokens)
                     yield shard, accs
+                    del accs  # merged by now: not kept while the next shard is awaited
                 if not in_flight:
                     if exhausted and not done:
                         return

@@ -213,10 +213,13 @@ def _local_sweep(setup: RunSetup):
     def go(shards: Iterator[Sequences], jobs: list[tuple[JobSpec, Any]], bar: tqdm, totals: Callable[[], list | None]):
         for shard in shards:
             # after the first shard, a job may hand out an accumulator that updates its totals in
-            # place where that is exact (``next_shard``), instead of a second copy of its state
-            accs = [t.next_shard() if hasattr(t, "next_shard") else spec.accumulator(setup.lm, cfg)
-                    for (spec, cfg), t in zip(jobs, totals() or [None] * len(jobs))]
-            yield shard, sweep_shard(setup.lm, shard, accs, setup.batch_size, bar.update)
+            # place where that is exact (``next_shard``), instead of a second copy of its state.
+            # No reference is kept here: once merged, a shard's accumulators are freed before the
+            # next shard's are made
+            yield shard, sweep_shard(setup.lm, shard,
+                                     [t.next_shard() if hasattr(t, "next_shard") else spec.accumulator(setup.lm, cfg)
+                                      for (spec, cfg), t in zip(jobs, totals() or [None] * len(jobs))],
+                                     setup.batch_size, bar.update)
 
     return go
 
@@ -249,11 +252,8 @@ def _sweep(store, setup, jobs_box, run_ids, ck, tokens, folder, totals, log):
                 yield from shards
 
             for shard, accs in go(chained(), jobs_box[0], bar, lambda: totals):
-                if totals is None:
-                    totals = accs
-                else:
-                    for t, a in zip(totals, accs):
-                        t.merge(a)
+                totals = accs if totals is None else _merged(totals, accs)
+                del accs  # merged: freed now, not kept through the next shard's sweep
                 chunks = [t.drain() for t in totals]
 
                 def commit(s, chunks=chunks, shard=shard):
@@ -274,6 +274,13 @@ def _sweep(store, setup, jobs_box, run_ids, ck, tokens, folder, totals, log):
                 if setup.stop_after_shards is not None and ck.shards_done >= setup.stop_after_shards:
                     log(f"stopping after {ck.shards_done} shards (as asked); continue with --resume {first_id}")
                     os._exit(3)
+    return totals
+
+
+def _merged(totals: list, accs: list) -> list:
+    """Fold one shard's accumulators into the totals (in job order)."""
+    for t, a in zip(totals, accs):
+        t.merge(a)
     return totals
 
 

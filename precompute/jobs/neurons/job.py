@@ -34,7 +34,9 @@ on how the corpus was cut into shards or batches (floating-point sums aside, see
 4. **Moments**: mean and M2 in float64 per batch (sums shifted by the running mean), combined
    with Chan's parallel formula in batch and shard order; ``std = sqrt(M2 / n)`` (population, as
    ``np.std``); min, max, count above zero. Different shardings agree to about 1e-15 relative.
-5. **Top tokens**: per (token, neuron) float64 sum and int64 count; the ``n_top_tokens`` highest
+5. **Top tokens**: per (token, neuron) sum of the activations each rounded to a multiple of
+   ``2^-24`` (half to even), kept as an int64 count of those units (exact in any order, and far
+   finer than the shown means), and an int64 count of the token; the ``n_top_tokens`` highest
    means among tokens seen ``>= min_token_count`` times, ties by token id. Dense over the vocabulary
    when ``vocab * d_mlp * layers * 8`` bytes fit ``token_sums_mb``; otherwise only the ``M`` most
    frequent tokens of the first shard (ties by id; ``prepare``) are tracked, and the result says so
@@ -78,7 +80,7 @@ Backend = Literal["auto", "numba", "torch"]
 BACKENDS: dict[str, str] = {"auto": "numba on CPU, torch on CUDA", "numba": "compiled CPU kernels",
                             "torch": "torch ops on the model's device"}
 CTX_BEFORE, CTX_AFTER = 12, 3  # a spectrum sample's stored context
-STATE_LAYOUT = 2  # of a pickled accumulator (checkpoints): 2 keeps the per-token sums [tracked tokens, d]
+STATE_LAYOUT = 3  # of a pickled accumulator (checkpoints): 3 keeps the per-token sums [tracked tokens, d] as int64
 TILE = 16  # neurons per tile of the compiled update (one 64-byte line of a float32 row)
 
 
@@ -388,14 +390,15 @@ class NeuronsAccumulator:
 
     def next_shard(self) -> "NeuronsAccumulator":
         """The accumulator for the next shard of a sweep in this process: it updates this one's
-        order-free state (range, histogram, reservoirs, top and bottom examples) in place and keeps its own
-        moments and token sums, which ``merge`` then folds in exactly as for a fresh shard (so
-        the result is bit-identical to merging a fresh accumulator, at a fraction of the memory)."""
+        order-free state (range, histogram, reservoirs, top and bottom examples, the integer
+        per-token sums) in place and keeps its own moments and token counts, which ``merge`` then
+        folds in exactly as for a fresh shard (so the result is bit-identical to merging a fresh
+        accumulator, at a fraction of the memory)."""
         self._sync()
         nxt = object.__new__(NeuronsAccumulator)
         nxt.__dict__.update(self.__dict__)
         nxt.state = {l: replace(st, mean=np.zeros_like(st.mean), m2=np.zeros_like(st.m2),
-                            npos=np.zeros_like(st.npos), tsum=np.zeros_like(st.tsum))
+                            npos=np.zeros_like(st.npos))
                      for l, st in self.state.items()}
         nxt.n, nxt.tcount, nxt._dev = 0, np.zeros_like(self.tcount), None
         return nxt
@@ -408,9 +411,8 @@ class NeuronsAccumulator:
         other._sync()
         for layer in self.layers:
             a, b = self.state[layer], other.state[layer]
-            if b.bins is a.bins:  # from next_shard(): only the moments and sums are its own
+            if b.bins is a.bins:  # from next_shard(): only the moments are its own
                 scan.merge_moments(self.n, other.n, a.mean, a.m2, a.npos, b.mean, b.m2, b.npos)
-                a.tsum += b.tsum
                 continue
             scan.merge_layer(self.n, other.n, a.lo, a.hi, a.ex, a.mean, a.m2, a.npos, a.bins, a.rh, a.ra, a.rloc,
                              *a.top_arrays(), *a.bottom_arrays(), b.lo, b.hi, b.ex, b.mean, b.m2, b.npos, b.bins,
@@ -450,6 +452,14 @@ class NeuronsAccumulator:
                      for i in range(self.d)]
             n_top = min(cfg.n_top_tokens, len(self.tracked))
             tt, tt_mean = scan.top_tokens(st.tsum, self.tcount, cfg.min_token_count, n_top)
+            # the integer sums are exact while |sum| < 2^63 units; a neuron whose largest token
+            # count times its largest |activation| could pass that shows no top tokens, not wrong ones
+            maxabs = np.maximum(np.abs(st.lo), np.abs(st.hi)).astype(np.float64)
+            risky = maxabs * max(1, int(self.tcount.max(initial=0))) * scan.TSUM_SCALE >= 2.0**62
+            if risky.any():
+                tt[risky], tt_mean[risky] = -1, 0.0
+                print(f"neurons: layer {layer}: {int(risky.sum())} units' activations are too large for exact "
+                      "per-token sums; their top tokens are not shown", file=sys.stderr)
             found = tt >= 0
             effects = lm.neuron_logit_effects(layer).float().cpu()
             if cfg.sae is not None:

@@ -34,6 +34,12 @@ EMPTY = np.iinfo(np.int64).max  # threshold of a reservoir not yet full (every h
 NO_KEY = np.iinfo(np.int64).max
 MASK = N_FINE - 1
 LOC_BITS = 24  # a sample's place: seq << LOC_BITS | pos
+# per-token sums are int64 in units of 2^-TSUM_FRAC_BITS (each activation rounded to that grid,
+# half to even): integer sums are exact in any order, so a later shard adds into the total's sums
+# in place and a Ray worker's partial sums merge to the same bits. Exact while a (token, neuron)
+# sum stays below 2^(63 - 24), about 5.5e11: e.g. 1e8 occurrences of activations up to 5,000.
+TSUM_FRAC_BITS = 24
+TSUM_SCALE = float(2**TSUM_FRAC_BITS)
 _SIGN = np.int64(-(2**63))
 
 
@@ -98,7 +104,7 @@ class LayerState:
     bws: np.ndarray
     bwl: np.ndarray
     bwin: np.ndarray
-    tsum: np.ndarray  # f64 [tracked tokens, d] per-token sums
+    tsum: np.ndarray  # i64 [tracked tokens, d] per-token sums, units of 2^-TSUM_FRAC_BITS
 
     @classmethod
     def empty(cls, d: int, S: int, K: int, W: int, n_track: int) -> "LayerState":
@@ -114,7 +120,7 @@ class LayerState:
             twl=np.zeros((d, K), np.int32), twin=np.zeros((d, K, W), np.float32),
             bn=np.zeros(d, np.int64), bv=np.zeros((d, K), np.float32), bk=np.zeros((d, K), np.int64),
             bseq=np.zeros((d, K), np.int64), bpos=np.zeros((d, K), np.int32), bws=np.zeros((d, K), np.int32),
-            bwl=np.zeros((d, K), np.int32), bwin=np.zeros((d, K, W), np.float32), tsum=np.zeros((n_track, d)),
+            bwl=np.zeros((d, K), np.int32), bwin=np.zeros((d, K, W), np.float32), tsum=np.zeros((n_track, d), np.int64),
         )
 
     def hist_arrays(self):
@@ -560,7 +566,7 @@ def update_block(A, rr, pp, key, hh, loc, tcol, seq_idx, lengths, i0, i1, n_befo
                 for q in range(w):
                     v = A[r, p, t0 + q]
                     buf[q, n] = v
-                    tsum[c, t0 + q] += np.float64(v)
+                    tsum[c, t0 + q] += np.int64(np.rint(np.float64(v) * TSUM_SCALE))
             else:
                 for q in range(w):
                     buf[q, n] = A[r, p, t0 + q]
@@ -814,6 +820,7 @@ def finish_hist(lo, hi, ex, bins, rh, ra, rloc, n_bins):
 @njit(cache=True)
 def top_tokens(tsum, tcount, min_count, n_top):
     """Per neuron the ``n_top`` tracked rows with the highest mean (``tsum [tracked, d] / tcount``,
+    ``tsum`` in units of 2^-TSUM_FRAC_BITS;
     rows seen at least ``min_count`` times), ties to the smaller row (rows are in token-id order)."""
     n_tok, d = tsum.shape
     ids = np.full((d, n_top), -1, np.int64)
@@ -828,7 +835,7 @@ def top_tokens(tsum, tcount, min_count, n_top):
         for t in range(n_tok):
             if not ok[t]:
                 continue
-            mt = tsum[t, i] / tcount[t]
+            mt = np.float64(tsum[t, i]) / TSUM_SCALE / tcount[t]
             if k == n_top and not mt > means[i, n_top - 1]:
                 continue
             p = k if k < n_top else n_top - 1
@@ -1059,7 +1066,7 @@ def torch_update(t: dict, st: LayerState, x, r_np, p_np, key, hashes, loc, tt, s
 
     # per-token sums
     tracked = ts >= 0
-    t["tsum"].index_add_(0, ts[tracked], X[tracked].double())
+    t["tsum"].index_add_(0, ts[tracked], torch.round(X[tracked].double() * TSUM_SCALE).long())
 
     # top and bottom candidates (the bottom list is the top list of the negated activations)
     _t_top(torch, X, x, keys, st.top_arrays(), r_np, p_np, seq_idx, lengths, M, cb, ca)
