@@ -210,7 +210,8 @@ def _independent(lm, seqs, layer: int, skip_bos_key: bool):
                 mean_distance=md / n_q, duplicate_token=dup / n_dup, distance_r2=r2)
 
 
-def test_stories260k_matches_plain_torch(lm260k, seqs260k):
+@pytest.mark.parametrize("backend", ["numba", "torch"])  # the compiled CPU kernel, and the torch ops a GPU runs
+def test_stories260k_matches_plain_torch(lm260k, seqs260k, backend):
     # six sequences of different lengths, batches of 4: padding is exercised
     idx = sorted(range(len(seqs260k.ids)), key=lambda i: len(seqs260k.ids[i]))
     pick = [idx[0], idx[len(idx) // 3], idx[len(idx) // 2], idx[-1], idx[-2], idx[1]]
@@ -219,7 +220,7 @@ def test_stories260k_matches_plain_torch(lm260k, seqs260k):
         ids=tuple(seqs260k.ids[i] for i in pick), story_ids=tuple(range(6)), offsets=(0,) * 6,
     )
     assert len({len(s) for s in seqs.ids}) > 3
-    res = run(lm260k, seqs, HeadsConfig(batch_size=4, induction_len=20, induction_batch=3, layers=(0, 4)))
+    res = run(lm260k, seqs, HeadsConfig(batch_size=4, induction_len=20, induction_batch=3, layers=(0, 4), backend=backend))
     assert [L.layer for L in res.layers] == [0, 4]
     for L in res.layers:
         ref = _independent(lm260k, seqs, L.layer, skip_bos_key=True)
@@ -302,3 +303,16 @@ def test_show_head_out_of_range_is_one_line(heads_db, layer, head, msg):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_backends_agree_without_bos(hand):
+    """No BOS prepended (key 0 is an ordinary token), uneven lengths: the kernel and torch ops agree."""
+    lm, seqs, _ = hand
+    plain = _seqs([list(s[1:]) for s in seqs.ids], prepend_bos=False)
+    out = [run(lm, plain, HeadsConfig(batch_size=3, induction_len=SHIFT + 1, induction_batch=2, backend=b))
+           for b in ("numba", "torch")]
+    a, b = out[0].layers[0], out[1].layers[0]
+    assert out[0].n_queries == out[1].n_queries == sum(len(s) for s in plain.ids)
+    np.testing.assert_array_equal(a.profile_counts, b.profile_counts)
+    for key in ("profile", "entropy", "mean_distance", "first_token", "duplicate_token", "distance_r2"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-7, err_msg=key)

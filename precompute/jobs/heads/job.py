@@ -36,7 +36,9 @@ of the first ``n_examples`` corpus sequences (global ``seq_idx < n_examples``; f
 
 Streaming (``HeadsAccumulator``, see ``precompute/sweep.py``): every statistic above is a sum
 (float64 on the host) or a count, so shards merge by adding them; the example patterns merge
-by union (each belongs to one sequence). Profile arrays are sized by the run's longest possible
+by union (each belongs to one sequence). On the CPU one compiled pass over each head's causal
+triangle makes the sums (``scan.reduce_heads``, heads shared among threads; ``backend="numba"``);
+on a GPU torch ops reduce on the device (``_accumulate``, ``"torch"``). Profile arrays are sized by the run's longest possible
 sequence (``max_len``: ``--ctx-len`` capped by the model's context) and cut, at ``finish``, after
 the longest distance any query saw. Nothing is per token: ``drain`` returns None. The induction
 test is its own forward pass, run once at ``finish``.
@@ -44,6 +46,7 @@ test is its own forward pass, run once at ``finish``.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -53,6 +56,8 @@ import torch
 from ...models import LoadedModel
 from ...sequences import Batch, Sequences
 from ...sweep import Captured, Needs
+from ..compiled import notice_compiling
+from . import scan
 
 HeadLabel = Literal["distance", "mixed", "semantic"]
 # distance_r2 at or above "distance" -> distance head; below "semantic" -> semantic head; else mixed
@@ -77,8 +82,11 @@ class HeadsConfig:
     layers: tuple[int, ...] | None = None
     seed: int = 0
     max_len: int | None = None  # longest sequence of the run (--ctx-len); None: the model's context
+    backend: str = "auto"  # "numba": the compiled CPU kernel; "torch": torch ops on the model's device; auto: by device
 
     def __post_init__(self):
+        if self.backend not in ("auto", "numba", "torch"):
+            raise ValueError("backend must be one of auto, numba, torch")
         for name in ("batch_size", "example_len", "induction_len", "induction_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -211,6 +219,73 @@ def _accumulate(acc: _Sums, A: torch.Tensor, m: dict, skip_bos_key: bool) -> Non
     acc.n_dup += m["n_dup"]
 
 
+def _accumulate_numba(sums: dict, layers: list[int], attentions, ids: torch.Tensor, lengths: list[int], first: int,
+                      threads: int) -> None:
+    """The same as ``_accumulate`` for every layer, by the compiled kernel (``scan.reduce_heads``),
+    heads shared among ``threads`` threads."""
+    ids_np = ids.cpu().numpy()
+    B, T = ids_np.shape
+    L = np.asarray(lengths, np.int64)
+    pos = np.arange(T)
+    qvalid = (pos[None, :] >= first) & (pos[None, :] < L[:, None])  # [B, T] scored queries
+    n_q_at = qvalid.sum(0)
+    n_seen = np.cumsum(n_q_at[::-1])[::-1].copy()  # [T(d)]: scored queries q >= d
+    same = (ids_np[:, :, None] == ids_np[:, None, :]) & np.tri(T, T, -1, dtype=bool)[None] & qvalid[:, :, None]
+    b, q, k = np.nonzero(same)  # earlier copies of each query's token, in (row, query, key) order
+    dup_off = np.zeros(B * T + 1, np.int64)
+    np.cumsum(np.bincount(b * T + q, minlength=B * T), out=dup_off[1:])
+    dup_k = k.astype(np.int64)
+    n_dup = int(same.any(-1).sum())
+    tasks, out = [], {}
+    for l in layers:
+        A = attentions[l].detach()
+        if A.dtype != torch.float32 or not A.is_contiguous():
+            A = A.float().contiguous()
+        H = A.shape[1]
+        z = [np.zeros((H, T)) for _ in range(4)] + [np.zeros(H) for _ in range(3)]
+        out[l] = z
+        step = max(1, -(-H // threads))
+        tasks += [(A.numpy(), h0, min(H, h0 + step), z) for h0 in range(0, H, step)]
+
+    def one(t):
+        A, h0, h1, z = t
+        scan.reduce_heads(A, L, first, dup_off, dup_k, h0, h1, *z)
+
+    if threads > 1 and len(tasks) > 1:
+        list(_pool(threads).map(one, tasks))
+    else:
+        for t in tasks:
+            one(t)
+    n_seen_t, n_q_t = torch.from_numpy(n_seen), torch.from_numpy(n_q_at)
+    for l in layers:
+        acc = sums[l]
+        w, w2, bos_d, bos2_d, ent, bos_sum, dup = (torch.from_numpy(x) for x in out[l])
+        acc.w[:, :T] += w
+        acc.n[:T] += n_seen_t
+        if first > 0:  # BOS is key 0, at distance q
+            acc.w_nb[:, :T] += w - bos_d
+            acc.w2_nb[:, :T] += w2 - bos2_d
+            acc.n_nb[:T] += n_seen_t - n_q_t
+        else:
+            acc.w_nb[:, :T] += w
+            acc.w2_nb[:, :T] += w2
+            acc.n_nb[:T] += n_seen_t
+        acc.ent += ent
+        acc.first += bos_sum
+        acc.dup += dup
+        acc.n_q += int(n_q_at.sum())
+        acc.n_dup += n_dup
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="heads")
+    return _POOLS[n]
+
+
 def _r2(acc: _Sums) -> np.ndarray:
     """1 - SS_res/SS_tot of the weights (BOS key left out) against their per-distance means."""
     n = acc.n_nb.double()
@@ -264,21 +339,30 @@ class HeadsAccumulator:
         self.max_len = min(cfg.max_len or lm.n_ctx, lm.n_ctx)
         self.sums = {l: _Sums(lm.n_heads, self.max_len) for l in self.layers}
         self.examples: dict[int, dict[int, np.ndarray]] = {l: {} for l in self.layers}  # layer -> seq_idx -> [H, n, n]
+        self.backend = cfg.backend
+        if cfg.backend == "auto":
+            self.backend = "numba" if str(lm.device) == "cpu" else "torch"
+        self.threads = max(1, torch.get_num_threads())
 
     @torch.inference_mode()
     def update(self, batch: Batch, cap: Captured) -> None:
         T = batch.ids.shape[1]
         if T > self.max_len:
             raise ValueError(f"a sequence of {T} tokens is longer than the heads job's max_len {self.max_len}")
-        ids = batch.ids.to(cap.attentions[0].device)
-        masks = _masks(ids, batch.lengths, batch.first)
         for l in self.layers:
-            A = cap.attentions[l]  # [B, H, T, T] on the model's device; reduced there
+            A = cap.attentions[l]  # [B, H, T, T] on the model's device
             for r, (k, n) in enumerate(zip(batch.seq_idx, batch.lengths)):
                 if k < self.cfg.n_examples:
                     m = min(n, self.cfg.example_len)
                     self.examples[l][k] = A[r, :, :m, :m].to(torch.float16).cpu().numpy().copy()
-            _accumulate(self.sums[l], A, masks, skip_bos_key=batch.first > 0)
+        if self.backend == "numba":
+            notice_compiling("heads", [scan.reduce_heads], "preparing the pattern kernel")
+            _accumulate_numba(self.sums, self.layers, cap.attentions, batch.ids, batch.lengths, batch.first, self.threads)
+            return
+        ids = batch.ids.to(cap.attentions[0].device)
+        masks = _masks(ids, batch.lengths, batch.first)
+        for l in self.layers:  # reduced on the model's device
+            _accumulate(self.sums[l], cap.attentions[l], masks, skip_bos_key=batch.first > 0)
 
     def merge(self, other: "HeadsAccumulator") -> None:
         for l in self.layers:

@@ -74,6 +74,7 @@ from ...models import LoadedModel
 from ...sae.model import FeatureUnits
 from ...sequences import Batch, Sequences
 from ...sweep import Captured, Needs
+from ..compiled import notice_compiling
 from . import scan
 
 Backend = Literal["auto", "numba", "torch"]
@@ -356,7 +357,7 @@ class NeuronsAccumulator:
 
     def _update_numba(self, acts: dict[int, torch.Tensor], tb: "_TokenBatch") -> None:
         self._sync()
-        _compiling([scan.update_block], "preparing the update kernel")
+        notice_compiling("neurons", [scan.update_block], "preparing the update kernel")
         cb, ca = self.cfg.ctx_before, self.cfg.ctx_after
         tasks = []
         width = TILE * max(1, -(-self.d // (self.threads * TILE)))  # whole tiles: threads share no sums' line
@@ -430,7 +431,7 @@ class NeuronsAccumulator:
         from .tables import SAMPLE_DTYPE
 
         self._sync()
-        _compiling([scan.finish_hist, scan.top_tokens, scan.contexts], "preparing the finishing kernel")
+        notice_compiling("neurons", [scan.finish_hist, scan.top_tokens, scan.contexts], "preparing the finishing kernel")
         if self.n == 0:
             raise ValueError("the corpus has no tokens to score (every sequence is only a BOS)")
         cfg = self.cfg
@@ -502,16 +503,6 @@ class NeuronsAccumulator:
                 logit_bottom_seen_values=seen_bot[1],
             ))
         return res
-
-
-def _compiling(kernels, what: str) -> None:
-    """One line on stderr when a compiled kernel is not yet loaded in this process: the first run
-    compiles it (tens of seconds, during which a progress bar would not move)."""
-    if any(not k.signatures for k in kernels):
-        from tqdm import tqdm
-
-        tqdm.write(f"neurons: {what}; the first run compiles it with numba (up to 2 minutes on a busy 2-core "
-                   "machine), later runs load it from numba's cache", file=sys.stderr)
 
 
 def _top_where(effects: torch.Tensor, mask: torch.Tensor, n: int, lowest: bool = False) -> tuple[np.ndarray, np.ndarray]:
