@@ -397,7 +397,7 @@ def test_non_finite_activation_is_an_error():
 
 def test_token_sums_that_could_overflow_are_not_shown():
     """A neuron whose (token, neuron) sums could pass int64's range (count x max |activation| >=
-    2^39) shows no top tokens rather than wrong ones; the other neurons are unaffected."""
+    2^38, half int64's range in units of 2^-24) shows no top tokens rather than wrong ones; the other neurons are unaffected."""
     ids, acts, keys, plan = hard_data(n_seq=6)
     lm = FakeLM(8, 30)
     for backend in ("numba", "torch"):

@@ -1,8 +1,19 @@
-"""The jobs' compiled (numba) kernels: the notice a run shows while a first run compiles them."""
+"""The jobs' compiled (numba) kernels: the threads they run on (the kernels release the GIL), and
+the notice a run shows while a first run compiles them."""
 
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def kernel_pool(n: int) -> ThreadPoolExecutor:
+    """One pool of ``n`` threads per process, shared by the jobs (their updates run one after another)."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="kernels")
+    return _POOLS[n]
 
 
 def notice_compiling(job: str, kernels, what: str) -> None:

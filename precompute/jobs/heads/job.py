@@ -46,7 +46,6 @@ test is its own forward pass, run once at ``finish``.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -56,7 +55,7 @@ import torch
 from ...models import LoadedModel
 from ...sequences import Batch, Sequences
 from ...sweep import Captured, Needs
-from ..compiled import notice_compiling
+from ..compiled import kernel_pool, notice_compiling
 from . import scan
 
 HeadLabel = Literal["distance", "mixed", "semantic"]
@@ -156,6 +155,27 @@ class _Sums:
         self.n_q += o.n_q
         self.n_dup += o.n_dup
 
+    def add_batch(self, w, w2, bos_d, bos2_d, ent, first, dup, n_seen, n_q_at, n_dup: int, skip_bos_key: bool) -> None:
+        """Add one batch (CPU tensors): per head and distance ``w`` and ``w2`` [H, T], and the key 0's
+        part of them ``bos_d``, ``bos2_d`` (key 0 sits at distance q); per head ``ent``, ``first``,
+        ``dup``; the scored queries that see each distance ``n_seen`` and at each position ``n_q_at``."""
+        T = w.shape[1]
+        self.w[:, :T] += w
+        self.n[:T] += n_seen
+        if skip_bos_key:
+            self.w_nb[:, :T] += w - bos_d
+            self.w2_nb[:, :T] += w2 - bos2_d
+            self.n_nb[:T] += n_seen - n_q_at
+        else:
+            self.w_nb[:, :T] += w
+            self.w2_nb[:, :T] += w2
+            self.n_nb[:T] += n_seen
+        self.ent += ent
+        self.first += first
+        self.dup += dup
+        self.n_q += int(n_q_at.sum())
+        self.n_dup += n_dup
+
     def cut(self, n: int) -> "_Sums":
         """The same sums for distances 0..n-1 only (all later ones must be empty)."""
         out = _Sums.__new__(_Sums)
@@ -196,27 +216,15 @@ def _diag_sums(S: torch.Tensor, m: dict) -> torch.Tensor:
 
 def _accumulate(acc: _Sums, A: torch.Tensor, m: dict, skip_bos_key: bool) -> None:
     """Add one batch's patterns A [B, H, T, T] to ``acc`` (A itself is left as it is)."""
-    B, H, T, _ = A.shape
     A = A.float() * m["qmask"]  # rows of unscored queries -> 0 (a copy: the sweep's tensors are shared)
     w = _diag_sums(A.sum(0), m)  # [H, T(d)]
     w2 = _diag_sums(torch.einsum("bhqk,bhqk->hqk", A, A), m)  # sum over the batch of A^2
-    acc.w[:, :T] += w
-    acc.n[:T] += m["n_seen"]
     bos = A[..., 0].double().cpu()  # [B, H, q]: weight on key 0, which sits at distance d = q
-    if skip_bos_key:
-        acc.w_nb[:, :T] += w - bos.sum(0)
-        acc.w2_nb[:, :T] += w2 - bos.square().sum(0)
-        acc.n_nb[:T] += m["n_seen"] - m["n_q_at"]
-    else:
-        acc.w_nb[:, :T] += w
-        acc.w2_nb[:, :T] += w2
-        acc.n_nb[:T] += m["n_seen"]
-    acc.ent += torch.special.entr(A).sum((0, 2, 3)).double().cpu()  # entr(x) = -x ln x, 0 at 0
-    acc.first += bos.sum((0, 2))
+    ent = torch.special.entr(A).sum((0, 2, 3)).double().cpu()  # entr(x) = -x ln x, 0 at 0
     b, q, k = m["dup_pairs"]
-    acc.dup += A[b, :, q, k].sum(0).double().cpu()  # A[b, :, q, k] is [n_pairs, H]
-    acc.n_q += int(m["n_q_at"].sum())
-    acc.n_dup += m["n_dup"]
+    dup = A[b, :, q, k].sum(0).double().cpu()  # A[b, :, q, k] is [n_pairs, H]
+    acc.add_batch(w, w2, bos.sum(0), bos.square().sum(0), ent, bos.sum((0, 2)), dup, m["n_seen"], m["n_q_at"],
+                  m["n_dup"], skip_bos_key)
 
 
 def _accumulate_numba(sums: dict, layers: list[int], attentions, ids: torch.Tensor, lengths: list[int], first: int,
@@ -252,38 +260,13 @@ def _accumulate_numba(sums: dict, layers: list[int], attentions, ids: torch.Tens
         scan.reduce_heads(A, L, first, dup_off, dup_k, h0, h1, *z)
 
     if threads > 1 and len(tasks) > 1:
-        list(_pool(threads).map(one, tasks))
+        list(kernel_pool(threads).map(one, tasks))
     else:
         for t in tasks:
             one(t)
     n_seen_t, n_q_t = torch.from_numpy(n_seen), torch.from_numpy(n_q_at)
     for l in layers:
-        acc = sums[l]
-        w, w2, bos_d, bos2_d, ent, bos_sum, dup = (torch.from_numpy(x) for x in out[l])
-        acc.w[:, :T] += w
-        acc.n[:T] += n_seen_t
-        if first > 0:  # BOS is key 0, at distance q
-            acc.w_nb[:, :T] += w - bos_d
-            acc.w2_nb[:, :T] += w2 - bos2_d
-            acc.n_nb[:T] += n_seen_t - n_q_t
-        else:
-            acc.w_nb[:, :T] += w
-            acc.w2_nb[:, :T] += w2
-            acc.n_nb[:T] += n_seen_t
-        acc.ent += ent
-        acc.first += bos_sum
-        acc.dup += dup
-        acc.n_q += int(n_q_at.sum())
-        acc.n_dup += n_dup
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="heads")
-    return _POOLS[n]
+        sums[l].add_batch(*(torch.from_numpy(x) for x in out[l]), n_seen_t, n_q_t, n_dup, skip_bos_key=first > 0)
 
 
 def _r2(acc: _Sums) -> np.ndarray:

@@ -63,7 +63,6 @@ blocks on threads (``backend="numba"``, the CPU default), or torch ops on the mo
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -74,7 +73,7 @@ from ...models import LoadedModel
 from ...sae.model import FeatureUnits
 from ...sequences import Batch, Sequences
 from ...sweep import Captured, Needs
-from ..compiled import notice_compiling
+from ..compiled import kernel_pool, notice_compiling
 from . import scan
 
 Backend = Literal["auto", "numba", "torch"]
@@ -253,15 +252,6 @@ class _TokenBatch:
     tt: np.ndarray  # the token's row in the per-token sums (-1: untracked)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="neurons")
-    return _POOLS[n]
-
-
 class NeuronsAccumulator:
     """The neuron job's running state (see the module docstring): one ``scan.LayerState`` per
     layer, the scored-token count and the tracked tokens' counts."""
@@ -377,7 +367,7 @@ class NeuronsAccumulator:
         if len(tasks) == 1:
             status = [one(tasks[0])]
         else:
-            status = list(_pool(self.threads).map(one, tasks))
+            status = list(kernel_pool(self.threads).map(one, tasks))
         if any(status):
             raise ValueError("the model produced a non-finite neuron activation")
 
